@@ -1,0 +1,185 @@
+"""The inference half of VAR's multi-scale residual VQVAE (`vae_ch160v4096z32.pth`), official parameter names.
+
+Only what sampling runs: the quantizer codebook and its shared Phi convs, post_quant_conv and the decoder.
+The encoder and quant_conv are in the official file and are accepted and dropped (IGNORED_KEYS).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORED_KEYS = (r"encoder\..*", r"quant_conv\..*", r"quantize\.ema_vocab_hit_SV")
+KEEP_FP32 = (r"quantize\..*", r"post_quant_conv\..*")  # the latent side stays fp32 whatever the model dtype
+
+
+@dataclass(frozen=True)
+class VQVAEConfig:
+    vocab: int = 4096
+    cvae: int = 32
+    ch: int = 160
+    ch_mult: tuple = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    using_sa: bool = True
+    using_mid_sa: bool = True
+    n_phi: int = 4
+    quant_resi: float = 0.5
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+def _norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, c, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, 1, 1)
+        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, 1, 1)
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.C = c
+        self.norm = _norm(c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.proj_out = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)  # (B, HW, C)
+        h = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
+
+
+class Upsample2x(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, 1, 1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class Decoder(nn.Module):
+    """Latent (B, Cvae, h, w) -> image (B, 3, h*2^(levels-1), ...); official module tree (`up` stored low->high)."""
+
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        levels = len(cfg.ch_mult)
+        block_in = cfg.ch * cfg.ch_mult[-1]
+        self.conv_in = nn.Conv2d(cfg.cvae, block_in, 3, 1, 1)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in)
+        self.mid.attn_1 = AttnBlock(block_in) if cfg.using_mid_sa else nn.Identity()
+        self.mid.block_2 = ResnetBlock(block_in, block_in)
+        ups = []
+        for lvl in reversed(range(levels)):
+            up = nn.Module()
+            block_out = cfg.ch * cfg.ch_mult[lvl]
+            blocks, attns = [], []
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(ResnetBlock(block_in, block_out))
+                block_in = block_out
+                if lvl == levels - 1 and cfg.using_sa:
+                    attns.append(AttnBlock(block_in))
+            up.block, up.attn = nn.ModuleList(blocks), nn.ModuleList(attns)
+            if lvl != 0:
+                up.upsample = Upsample2x(block_in)
+            ups.insert(0, up)
+        self.up = nn.ModuleList(ups)
+        self.norm_out = _norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, 3, 3, 1, 1)
+
+    def forward(self, z):
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        for lvl in reversed(range(len(self.up))):
+            up = self.up[lvl]
+            for i, blk in enumerate(up.block):
+                h = blk(h)
+                if len(up.attn):
+                    h = up.attn[i](h)
+            if lvl != 0:
+                h = up.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class PhiConvs(nn.Module):  # official PhiPartiallyShared: `qresi_ls.{i}` are Conv2d(Cvae, Cvae, 3, padding 1)
+    def __init__(self, cvae: int, n: int):
+        super().__init__()
+        self.qresi_ls = nn.ModuleList(nn.Conv2d(cvae, cvae, 3, 1, 1) for _ in range(n))
+
+
+class Quantizer(nn.Module):
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        self.embedding = nn.Embedding(cfg.vocab, cfg.cvae)
+        self.quant_resi = PhiConvs(cfg.cvae, cfg.n_phi)
+
+
+class VQVAE(nn.Module):
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.quantize = Quantizer(cfg)
+        self.post_quant_conv = nn.Conv2d(cfg.cvae, cfg.cvae, 3, 1, 1)
+        self.decoder = Decoder(cfg)
+
+    def phi(self, si: int, num_scales: int) -> nn.Conv2d:
+        from var_rt.ops import phi_index
+        return self.quantize.quant_resi.qresi_ls[phi_index(si, num_scales, self.cfg.n_phi)]
+
+    def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """f_hat (B, Cvae, h, w) fp32 -> image (B, 3, H, W) in [0, 1], fp32."""
+        dt = self.decoder.conv_in.weight.dtype
+        z = self.post_quant_conv(f_hat.float()).to(dt)
+        return self.decoder(z).float().clamp_(-1, 1).add_(1).mul_(0.5)
+
+
+def config_from_state_dict(sd) -> VQVAEConfig:
+    """Read vocab, Cvae, ch, ch_mult, res blocks, attention use and Phi count off a VQVAE state dict."""
+    try:
+        vocab, cvae = sd["quantize.embedding.weight"].shape
+        levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.up."))
+        outs = [sd[f"decoder.up.{i}.block.0.conv2.weight"].shape[0] for i in range(levels)]
+        ch = outs[0]
+        n_blocks = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("decoder.up.0.block."))
+        n_phi = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("quantize.quant_resi.qresi_ls."))
+    except (KeyError, ValueError, IndexError) as e:
+        raise ValueError(f"not a VAR VQVAE checkpoint: cannot read its shape ({type(e).__name__}: {e}); "
+                         f"first keys: {list(sd)[:8]}") from None
+    return VQVAEConfig(
+        vocab=vocab, cvae=cvae, ch=ch, ch_mult=tuple(o // ch for o in outs), num_res_blocks=n_blocks - 1,
+        using_sa=f"decoder.up.{levels - 1}.attn.0.qkv.weight" in sd,
+        using_mid_sa="decoder.mid.attn_1.qkv.weight" in sd, n_phi=n_phi,
+    )
+
+
+@torch.no_grad()
+def init_random_(vae: VQVAE, seed: int = 0) -> VQVAE:
+    """Random weights with sane activations (default conv init, unit norms, a spread-out codebook)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in vae.named_parameters():
+        if re.search(r"norm\w*\.weight$", name):
+            p.fill_(1.0)
+        elif name.endswith("bias"):
+            p.zero_()
+        elif p.ndim == 4:
+            fan_in = p.shape[1] * p.shape[2] * p.shape[3]
+            p.copy_(torch.randn(p.shape, generator=g) * (1.0 / fan_in) ** 0.5)
+        else:
+            p.copy_(torch.randn(p.shape, generator=g))
+    return vae
