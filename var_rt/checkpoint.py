@@ -29,12 +29,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path, device="cpu")
-    try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError:  # old (non-zip) serialisation cannot be mmapped
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    obj = _torch_load(path)
     for _ in range(3):  # unwrap {"model": {...}} and the like, a few levels deep at most
         if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
             inner = next((obj[k] for k in WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
@@ -49,6 +44,24 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not sd:
         raise CheckpointError(f"{path}: holds no tensors (keys: {list(obj)[:10]})")
     return sd
+
+
+def _torch_load(path: str):
+    """torch.load without running arbitrary pickled code (weights_only); argparse.Namespace, which training
+    scripts save beside the weights, is allowed. VAR_RT_TRUST_PICKLE=1 lifts the restriction for trusted files."""
+    import argparse
+    trust = os.environ.get("VAR_RT_TRUST_PICKLE") == "1"
+    if hasattr(torch.serialization, "add_safe_globals"):
+        torch.serialization.add_safe_globals([argparse.Namespace])
+    last = None
+    for mmap in (True, False):  # old (non-zip) files cannot be memory-mapped
+        try:
+            return torch.load(path, map_location="cpu", mmap=mmap, weights_only=not trust)
+        except Exception as e:
+            last = e
+    hint = "" if trust else " (if the file is trusted and holds other Python objects, set VAR_RT_TRUST_PICKLE=1)"
+    raise CheckpointError(f"{path}: not a readable torch checkpoint: {type(last).__name__}: "
+                          f"{str(last).splitlines()[0][:300]}{hint}") from None
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:

@@ -199,6 +199,11 @@ def config_from_state_dict(sd, patch_nums=None, num_classes=None) -> VARConfig:
         raise ValueError(f"not a VAR checkpoint: cannot read its shape ({type(e).__name__}: {e}); "
                          f"first keys: {list(sd)[:8]}") from None
     shared = "shared_ada_lin.1.weight" in sd
+    if patch_nums is None and "lvl_1L" in sd:  # the official buffer: the scale index of every position
+        counts = torch.bincount(sd["lvl_1L"].flatten().long()).tolist()
+        roots = [math.isqrt(c) for c in counts]
+        if all(r * r == c for r, c in zip(roots, counts)) and sum(counts) == L:
+            patch_nums = tuple(roots)
     if patch_nums is None:
         patch_nums = next((p for p in (PATCH_NUMS_256, PATCH_NUMS_512) if sum(x * x for x in p) == L), None)
         if patch_nums is None:

@@ -1,0 +1,192 @@
+"""`var-rt` command line: generate | info (| sample, see var_rt.sample)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+SMALL_RANDOM = "small"  # --random-weights small: a few-layer VAR + thin VQVAE, fast on a CPU (the demo)
+
+
+def _floats(s: str):
+    vals = [float(x) for x in s.split(",")]
+    return vals[0] if len(vals) == 1 else vals
+
+
+def _ints(s: str):
+    vals = [int(x) for x in s.split(",")]
+    return vals[0] if len(vals) == 1 else vals
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (one of: --var | --drafter/--refiner | --llamagen | --random-weights)")
+    g.add_argument("--var", help="VAR checkpoint (var_d16.pth ... var_d36.pth)")
+    g.add_argument("--vae", help="VQVAE checkpoint (vae_ch160v4096z32.pth)")
+    g.add_argument("--drafter", help="CoDe drafter (var_d30.pth or drafter_N.pth)")
+    g.add_argument("--refiner", help="CoDe refiner (var_d16.pth or refiner_N.pth)")
+    g.add_argument("--draft-steps", type=int, help="CoDe: scales run by the drafter (1..K-1; K = drafter alone)")
+    g.add_argument("--llamagen", help="LlamaGen c2i GPT checkpoint (c2i_XL_384.pt ...)")
+    g.add_argument("--vq", help="LlamaGen VQ-16 tokenizer (vq_ds16_c2i.pt)")
+    g.add_argument("--image-size", type=int, help="LlamaGen: 256 or 384 (read from the file when it says)")
+    g.add_argument("--zipar-window", type=int, help="LlamaGen: ZipAR window w (default: sequential decoding)")
+    g.add_argument("--random-weights", metavar="SPEC",
+                   help="no files: 'd16' (any depth), 'd30,d16' with --draft-steps for CoDe, 'small' for a tiny "
+                        "demo model, or 'llamagen-B' ... 'llamagen-XL'")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default bf16 on GPU, fp32 on CPU")
+    g.add_argument("--backend", choices=["torch", "triton", "cuda"], help="force an op backend (default: best available)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--cfg", type=float, default=None, help="guidance (VAR default 4, LlamaGen 4)")
+    g.add_argument("--top-k", type=_ints, default=None, help="int or K comma-separated ints (VAR 900, LlamaGen 2000)")
+    g.add_argument("--top-p", type=_floats, default=None, help="float or K values (VAR 0.95, LlamaGen 1.0)")
+    g.add_argument("--temperature", type=_floats, default=None, help="float or K values (default 1.0)")
+    g.add_argument("--preset", choices=["code-eval", "var-demo"], help="VAR sampling presets (override the above)")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def build_pipeline(a, log=print):
+    """The pipeline the model arguments describe; VARPipeline or LlamaGenPipeline."""
+    from var_rt import pipeline as vp
+    dtype = a.dtype or ("bf16" if str(a.device).startswith("cuda") else "fp32")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available (use --device cpu)")
+    if a.random_weights:
+        spec = a.random_weights
+        log(f"var-rt: RANDOM WEIGHTS ({spec}): images are noise, for testing and timing only")
+        if spec.startswith("llamagen"):
+            from var_rt.llamagen_pipeline import LlamaGenPipeline
+            name = spec.split("-", 1)[1] if "-" in spec else "B"
+            return LlamaGenPipeline.random(name, image_size=a.image_size or 256, device=a.device, dtype=dtype)
+        if spec == SMALL_RANDOM:
+            from var_rt.models.var import VARConfig
+            from var_rt.models.vqvae import VQVAEConfig
+            small = VARConfig(depth=4, width=256, heads=4)
+            return vp.VARPipeline.random(small, refiner_depth=small if a.draft_steps else None, draft_steps=a.draft_steps,
+                                         vae_cfg=VQVAEConfig(ch=32, ch_mult=(1, 1, 2, 2, 2), num_res_blocks=1),
+                                         device=a.device, dtype=dtype)
+        depths = [int(x.strip().lstrip("d")) for x in spec.split(",")]
+        if len(depths) == 1 and a.draft_steps is None:
+            return vp.VARPipeline.random(depths[0], device=a.device, dtype=dtype)
+        if len(depths) != 2 or a.draft_steps is None:
+            raise SystemExit("error: CoDe with random weights needs '--random-weights dDRAFT,dREFINE --draft-steps N'")
+        return vp.VARPipeline.random(depths[0], refiner_depth=depths[1], draft_steps=a.draft_steps, device=a.device, dtype=dtype)
+    if a.llamagen:
+        if not a.vq:
+            raise SystemExit("error: --llamagen needs --vq (vq_ds16_c2i.pt)")
+        from var_rt.llamagen_pipeline import LlamaGenPipeline
+        return LlamaGenPipeline.from_checkpoints(gpt=a.llamagen, vq=a.vq, device=a.device, dtype=dtype,
+                                                 image_size=a.image_size)
+    if not a.vae:
+        raise SystemExit("error: --vae is required with --var or --drafter (or use --random-weights)")
+    if a.var:
+        return vp.VARPipeline.from_checkpoints(var=a.var, vae=a.vae, device=a.device, dtype=dtype, backend=a.backend)
+    if a.drafter:
+        return vp.VARPipeline.from_checkpoints(drafter=a.drafter, refiner=a.refiner, vae=a.vae, draft_steps=a.draft_steps,
+                                               device=a.device, dtype=dtype, backend=a.backend)
+    raise SystemExit("error: no model: give --var, --drafter/--refiner, --llamagen or --random-weights")
+
+
+def sampling_kwargs(pipe, a) -> dict:
+    from var_rt.pipeline import VARPipeline
+    if isinstance(pipe, VARPipeline):
+        kw = dict(cfg=4.0, top_k=900, top_p=0.95, temperature=1.0)
+    else:
+        kw = dict(cfg=4.0, top_k=2000, top_p=1.0, temperature=1.0, zipar_window=a.zipar_window)
+    for k in ("cfg", "top_k", "top_p", "temperature"):
+        if getattr(a, k) is not None:
+            kw[k] = getattr(a, k)
+    if getattr(a, "preset", None):
+        if not isinstance(pipe, VARPipeline):
+            raise SystemExit("error: --preset is for VAR models")
+        kw["preset"] = a.preset
+    return kw
+
+
+def cmd_generate(a) -> int:
+    from var_rt import images
+    images.check_writable(a.out)
+    if a.per_image:
+        images.check_writable(a.per_image, is_dir=True)
+    t0 = time.perf_counter()
+    pipe = build_pipeline(a)
+    t_load = time.perf_counter() - t0
+    kw = sampling_kwargs(pipe, a)
+    labels = pipe.check_labels(a.classes)  # fail on a bad class id before any work
+    t0 = time.perf_counter()
+    out = pipe(labels, seed=a.seed, progress=True, **kw)
+    if out.is_cuda:
+        torch.cuda.synchronize()
+    t_gen = time.perf_counter() - t0
+    images.save_grid(out, a.out, nrow=a.nrow)
+    if a.per_image:
+        images.save_each(out, a.per_image, [f"{i:03d}_class{int(c)}.png" for i, c in enumerate(labels)])
+    print(f"var-rt: {len(labels)} images ({out.shape[-1]} px) in {t_gen:.2f} s (load {t_load:.1f} s) -> {a.out}"
+          + (f" and {a.per_image}/" if a.per_image else ""))
+    if a.verbose:
+        stats = dict(getattr(pipe, "last_stats", {}) or {})
+        if getattr(pipe, "last_forward_passes", None) is not None:
+            stats["forward_passes"] = pipe.last_forward_passes
+        print("var-rt: " + json.dumps(stats))
+    return 0
+
+
+def cmd_info(a) -> int:
+    import var_rt
+    from var_rt import _ext, ops
+    print(f"var_rt  {var_rt.__version__}")
+    print(f"torch   {torch.__version__}")
+    try:
+        import triton
+        print(f"triton  {triton.__version__}" + ("  (TRITON_INTERPRET=1: kernels run on the CPU)" if os.environ.get("TRITON_INTERPRET") == "1" else ""))
+    except ImportError:
+        print("triton  not installed")
+    dev = "cpu"
+    if torch.cuda.is_available():
+        dev = "cuda"
+        print(f"device  {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
+    else:
+        print("device  no CUDA device: CPU only")
+    mod, why = _ext.load()
+    print(f"_C      {'built' if mod else 'NOT built: ' + why}; CUDA code: {'yes (sm_80, sm_90)' if _ext.has_cuda_code() else 'no'}")
+    print(f"ops on {dev}:")
+    for op, (backend, reason) in ops.describe_backends(dev).items():
+        print(f"  {op:18s} {backend:7s} {reason}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="var-rt", description="Fast sampling for VAR (+CoDe) and LlamaGen (+ZipAR).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="sample images for some classes and write a PNG grid")
+    add_model_args(g)
+    add_sampling_args(g)
+    g.add_argument("--classes", type=int, nargs="+", required=True, help="class ids, one image each")
+    g.add_argument("--out", default="grid.png", help="PNG grid path")
+    g.add_argument("--per-image", metavar="DIR", help="also write one PNG per image here")
+    g.add_argument("--nrow", type=int, help="images per grid row")
+    g.add_argument("--verbose", action="store_true", help="print KV memory and other stats")
+    g.set_defaults(fn=cmd_generate)
+    i = sub.add_parser("info", help="versions, device, and which backend each op uses")
+    i.set_defaults(fn=cmd_info)
+    try:
+        from var_rt import sample as sample_cmd
+        sample_cmd.add_parser(sub, add_model_args, add_sampling_args)
+    except ImportError:
+        pass
+    a = p.parse_args(argv)
+    try:
+        return a.fn(a)
+    except (ValueError, PermissionError, FileNotFoundError, MemoryError) as e:
+        print(f"var-rt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
