@@ -153,8 +153,8 @@ def cmd_info(a) -> int:
         print(f"device  {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
     else:
         print("device  no CUDA device: CPU only")
-    mod, why = _ext.load()
-    print(f"_C      {'built' if mod else 'NOT built: ' + why}; CUDA code: {'yes (sm_80, sm_90)' if _ext.has_cuda_code() else 'no'}")
+    mod = _ext.load()
+    print(f"_C      {'built' if mod else 'NOT built: ' + str(_ext.load_error())}; CUDA code: {'yes (sm_80, sm_90)' if _ext.has_cuda_code() else 'no'}")
     print(f"ops on {dev}:")
     for op, (backend, reason) in ops.describe_backends(dev).items():
         print(f"  {op:18s} {backend:7s} {reason}")
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         return a.fn(a)
-    except (ValueError, PermissionError, FileNotFoundError, MemoryError) as e:
+    except (ValueError, RuntimeError, PermissionError, FileNotFoundError, MemoryError) as e:
         print(f"var-rt: error: {e}", file=sys.stderr)
         return 2
 

@@ -176,6 +176,14 @@ class VARPipeline:
         """Sample one image per class label. Same seed (or per-image `seeds`) -> same images.
         cfg, top_k, top_p, temperature: scalars or lists of one value per scale. preset: 'code-eval' or
         'var-demo' (overrides the sampling settings). Returns (B, 3, H, W) float32 in [0, 1]."""
+        f_hat = self.generate_latents(class_labels, cfg, top_k, top_p, temperature, seed, seeds, preset, progress)
+        with ops.use_backend(self.backend):
+            return self.vae.fhat_to_img(f_hat)
+
+    @torch.no_grad()
+    def generate_latents(self, class_labels, cfg=4.0, top_k=900, top_p=0.95, temperature=1.0, seed=0, seeds=None,
+                         preset=None, progress=False) -> torch.Tensor:
+        """Tokens only: the final f_hat (B, Cvae, h, w) fp32; token ids of every scale in `last_tokens`."""
         if preset is not None:
             if preset not in PRESETS:
                 raise ValueError(f"preset {preset!r}: expected one of {sorted(PRESETS)}")
@@ -196,7 +204,6 @@ class VARPipeline:
             with ops.use_backend(self.backend):
                 f_hat, tokens = run_var(self.models, self.vae, self.schedule, labels.to(self.device),
                                         seeds.to(self.device), params, pool, progress=bar)
-                images = self.vae.fhat_to_img(f_hat)
         finally:
             if bar is not None:
                 bar.close()
@@ -205,4 +212,4 @@ class VARPipeline:
             "kv_pool_bytes": pool.nbytes,
             **{f"kv_bytes_{name}": pool.model_bytes(name) for name in self.models},
         }
-        return images
+        return f_hat

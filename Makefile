@@ -1,0 +1,30 @@
+# make test: set up a venv (torch 2.13 CPU + var_rt with test extras) and run the tests (Triton kernels in the
+#            interpreter on the CPU). make demo: set up and generate a grid with the embedded default model.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+.PHONY: setup test demo bench clean
+
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+demo: setup
+	mkdir -p out
+	$(VENV)/bin/var-rt generate --random-weights small --classes 207 360 388 1 --top-k 100 --seed 0 \
+		--out out/demo.png --per-image out/demo --device cpu --verbose
+
+bench: setup
+	TRITON_INTERPRET=1 $(PY) benchmarks/bench_var.py --tiny
+
+clean:
+	rm -rf build *.egg-info var_rt/_C*.so out
