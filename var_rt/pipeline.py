@@ -7,6 +7,7 @@ from var_rt import checkpoint, ops
 from var_rt.models import var as var_model
 from var_rt.models import vqvae as vqvae_model
 from var_rt.runtime.engine import PRESETS, SamplingParams, run_var
+from var_rt.runtime.graphs import GraphCache
 from var_rt.runtime.kv_pool import KVPool
 from var_rt.runtime.schedule import var_schedule
 
@@ -81,7 +82,9 @@ class VARPipeline:
         self._check_compatible()
         self.schedule = var_schedule(len(self.cfg.patch_nums), self.draft_steps)
         self.last_tokens, self.last_stats = None, {}
-        self._pool = None
+        self._pools: dict = {}
+        self.use_graphs = self.device.type == "cuda"
+        self._graphs = None
 
     @property
     def cfg(self) -> var_model.VARConfig:
@@ -156,19 +159,27 @@ class VARPipeline:
             raise ValueError(f"class ids {bad} outside [0, {self.num_classes})")
         return labels.long()
 
+    def prepare_graphs(self, batch_sizes, **sampling) -> None:
+        """Capture CUDA graphs ahead of time, largest batch first (they share one memory pool)."""
+        for b in sorted(set(batch_sizes), reverse=True):
+            self.generate_latents([0] * b, **sampling)
+
     def kv_pool(self, batch: int) -> KVPool:
-        """One arena for this batch size, reused across calls; CoDe's refiner reuses the drafter's bytes."""
-        if self._pool is None or self._pool_batch != batch:
-            self._pool = None
+        """One arena per batch size; CoDe's refiner reuses the drafter's bytes. Captured graphs point into their
+        arenas, so with graphs every batch size keeps its own; without, only the latest is kept."""
+        pools = self._pools
+        if batch not in pools:
+            if not self.use_graphs:
+                pools.clear()
             shapes = {name: [m.kv_shape(2 * batch)] * m.cfg.depth for name, m in self.models.items()}
             dtype = next(iter(self.models.values())).head.weight.dtype
             try:
-                self._pool = KVPool(shapes, dtype, self.device, share=True)
-            except torch.OutOfMemoryError:
-                raise MemoryError(f"batch {batch} is too large: the KV cache alone needs "
-                                  f"{max(KVPool.bytes_needed(shapes, dtype).values()) / 2**30:.1f} GiB; use a smaller batch") from None
-            self._pool_batch = batch
-        return self._pool
+                pools[batch] = KVPool(shapes, dtype, self.device, share=True)
+            except torch.cuda.OutOfMemoryError:
+                need = max(KVPool.bytes_needed(shapes, dtype).values()) / 2**30
+                raise MemoryError(f"batch {batch} is too large: its KV cache alone needs {need:.1f} GiB; "
+                                  "use a smaller batch") from None
+        return pools[batch]
 
     @torch.no_grad()
     def __call__(self, class_labels, cfg=4.0, top_k=900, top_p=0.95, temperature=1.0, seed=0, seeds=None,
@@ -196,17 +207,24 @@ class VARPipeline:
         if seeds.numel() != B:
             raise ValueError(f"{seeds.numel()} seeds for {B} images")
         pool = self.kv_pool(B)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=K, desc=f"VAR {B} img", unit="scale", leave=False)
-        try:
-            with ops.use_backend(self.backend):
-                f_hat, tokens = run_var(self.models, self.vae, self.schedule, labels.to(self.device),
-                                        seeds.to(self.device), params, pool, progress=bar)
-        finally:
-            if bar is not None:
-                bar.close()
+        labels, seeds = labels.to(self.device), seeds.to(self.device)
+        with ops.use_backend(self.backend):
+            if self.use_graphs:  # one captured generation per (batch, settings); eager where capture is impossible
+                if self._graphs is None:
+                    self._graphs = GraphCache(self.device)
+                key = (B, repr(params), ops.default_backend(self.device))
+                run = lambda lab, sd: run_var(self.models, self.vae, self.schedule, lab, sd, params, pool)  # noqa: E731
+                f_hat, tokens = self._graphs.run(key, run, labels, seeds)
+            else:
+                bar = None
+                if progress:
+                    from tqdm import tqdm
+                    bar = tqdm(total=K, desc=f"VAR {B} img", unit="scale", leave=False)
+                try:
+                    f_hat, tokens = run_var(self.models, self.vae, self.schedule, labels, seeds, params, pool, progress=bar)
+                finally:
+                    if bar is not None:
+                        bar.close()
         self.last_tokens = tokens
         self.last_stats = {
             "kv_pool_bytes": pool.nbytes,

@@ -1,0 +1,70 @@
+"""CUDA graphs: every shape of a VAR generation is static, so a whole generation (all scales, both CoDe phases,
+sampling and the residual-VQ updates) is captured once per (batch bucket, sampling settings) and replayed.
+
+Static input buffers (labels, seeds) are filled before each replay; outputs live in the graph's memory and are
+cloned out. All graphs share one memory pool and are captured largest batch first. Anything that cannot be
+captured (a CPU device, the torch reference sampler, which syncs with the host to seed its generators) runs
+eagerly, with one warning saying why.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from var_rt import ops
+
+
+class _Captured:
+    def __init__(self, graph, labels, seeds, outputs):
+        self.graph, self.labels, self.seeds, self.outputs = graph, labels, seeds, outputs
+
+
+class GraphCache:
+    """fn(labels, seeds) -> tuple of tensors, captured per key; `run` replays or falls back to eager."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.pool = None
+        self.graphs: dict = {}
+        self.disabled_reason: str | None = None
+        if self.device.type != "cuda":
+            self.disabled_reason = "not a CUDA device"
+        elif ops.default_backend(self.device) == "torch":
+            self.disabled_reason = "the torch reference sampler syncs with the host (backend torch)"
+
+    def _warn(self, why: str) -> None:
+        if self.disabled_reason is None:
+            self.disabled_reason = why
+        warnings.warn(f"var_rt: CUDA graphs off, running eagerly: {why}", RuntimeWarning, stacklevel=3)
+
+    def capture(self, key, fn, labels: torch.Tensor, seeds: torch.Tensor):
+        static_labels, static_seeds = labels.clone(), seeds.clone()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm-up: Triton compiles, cuBLAS picks algorithms, outside capture
+            fn(static_labels, static_seeds)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = fn(static_labels, static_seeds)
+        self.graphs[key] = _Captured(graph, static_labels, static_seeds, outputs)
+        return self.graphs[key]
+
+    def run(self, key, fn, labels: torch.Tensor, seeds: torch.Tensor):
+        """Replay the graph for `key` (capturing it first), or run fn eagerly where graphs are off."""
+        if self.disabled_reason is not None:
+            return fn(labels, seeds)
+        entry = self.graphs.get(key)
+        if entry is None:
+            try:
+                entry = self.capture(key, fn, labels, seeds)
+            except Exception as e:  # capture impossible here: stay correct, run eagerly from now on
+                self._warn(f"capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                return fn(labels, seeds)
+        entry.labels.copy_(labels)
+        entry.seeds.copy_(seeds)
+        entry.graph.replay()
+        return tuple(o.clone() if torch.is_tensor(o) else [t.clone() for t in o] for o in entry.outputs)
