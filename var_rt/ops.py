@@ -24,6 +24,7 @@ TRITON_OPS = {
     "upsample_bicubic": ("resample", "upsample_bicubic"),
     "downsample_area": ("resample", "downsample_area"),
     "sample_tokens": ("sampling", "sample_tokens"),
+    "zipar_attention": ("zipar_attention", "zipar_attention"),  # reference: var_rt.runtime.zipar.attention_ref
 }
 _warned: set = set()
 _forced: list = []  # stack of backends forced by `use_backend`
