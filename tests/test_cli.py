@@ -76,3 +76,19 @@ def test_info_runs_as_a_console_script():
     cmd = [exe, "info"] if os.path.exists(exe) else [sys.executable, "-m", "var_rt.cli", "info"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     assert "torch" in out and "rvq_step" in out and "var_attention" in out
+
+
+def test_generate_llamagen_zipar_from_official_files(tmp_path, capsys):
+    from var_rt.checkpoint import save_state_dict
+    from test_llamagen import official_freqs_cis, official_vq_file_dict, tiny_pipe
+    pipe = tiny_pipe(seed=1)
+    sd = dict(pipe.gpt.state_dict())
+    sd["freqs_cis"] = official_freqs_cis(pipe.cfg.grid, pipe.cfg.head_dim)
+    save_state_dict(sd, tmp_path / "c2i_T.pt")
+    save_state_dict(official_vq_file_dict(pipe.vq), tmp_path / "vq_ds16_c2i.pt", wrap="model")
+    out = tmp_path / "g.png"
+    rc = run_cli("generate", "--llamagen", tmp_path / "c2i_T.pt", "--vq", tmp_path / "vq_ds16_c2i.pt", "--classes", 1, 2,
+                 "--zipar-window", 2, "--top-k", 30, "--out", out, "--verbose", "--device", "cpu")
+    assert rc == 0
+    assert "\"forward_passes\": 20" in capsys.readouterr().out  # 6x6 grid, w=2: 2*6 + (6-2)*2
+    assert Image.open(out).size[0] > 0
