@@ -170,12 +170,13 @@ def _rel(pattern):
 
 
 # Keep in step with [tool.setuptools] in pyproject.toml (which setuptools reads first).
-PACKAGES = ["var_rt", "var_rt.models", "var_rt.runtime", "var_rt.kernels"]
+PACKAGES = ["var_rt", "var_rt.models", "var_rt.runtime", "var_rt.kernels", "var_rt.demo"]
 PACKAGE_DIR = {"var_rt.kernels": "kernels"}
 
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
+    package_data={"var_rt.demo": ["weights/*.safetensors", "weights/*.json"]},
     # sources listed for sdists and for setuptools' bookkeeping; NinjaBuildExt does the compiling
     ext_modules=[Extension("var_rt._C", sources=_rel("*.cpp") + _rel("*.cu"), depends=_rel("*.h"))],
     cmdclass={"build_ext": NinjaBuildExt},

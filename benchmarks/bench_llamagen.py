@@ -48,11 +48,13 @@ def fast_path_usable(device) -> str | None:
     """None if the Triton kernel can run here, else the reason."""
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         return "no CUDA device (set TRITON_INTERPRET=1 to run the kernel in the interpreter)"
-    try:
-        from var_rt.runtime import zipar
-        zipar._load_kernel()
-    except Exception as e:  # no triton
-        return f"Triton kernel unavailable: {type(e).__name__}: {e}"
+    import warnings
+    from var_rt import ops
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn = ops.triton_fn("zipar_attention", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if fn is None:
+        return "Triton kernel unavailable: " + "; ".join(str(w.message) for w in caught)
     return None
 
 

@@ -109,7 +109,8 @@ def main(argv=None):
     dtype = a.dtype or ("bf16" if device.type == "cuda" else "fp32")
     if a.tiny:
         a.batch, a.warmup, a.iters = min(a.batch, 2), 1, 2
-    backends = (a.backends or ("torch,triton" if device.type == "cuda" else "torch")).split(",")
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    backends = (a.backends or ("torch,triton" if device.type == "cuda" or (a.tiny and interp) else "torch")).split(",")
     from var_rt.images import to_uint8
     pipe = build(a, device, dtype)
     torch_dtype = next(iter(pipe.models.values())).head.weight.dtype
