@@ -175,9 +175,11 @@ def main(argv=None) -> int:
     g.set_defaults(fn=cmd_generate)
     i = sub.add_parser("info", help="versions, device, and which backend each op uses")
     i.set_defaults(fn=cmd_info)
-    try:
-        from var_rt import sample as sample_cmd
-        sample_cmd.add_parser(sub, add_model_args, add_sampling_args)
+    from var_rt import sample as sample_cmd
+    sample_cmd.add_parser(sub, add_model_args, add_sampling_args)
+    try:  # `var-rt demo` / `var-rt eval-demo`: the embedded demo models
+        from var_rt.demo import run as demo_cmd
+        demo_cmd.add_parser(sub)
     except ImportError:
         pass
     a = p.parse_args(argv)

@@ -24,7 +24,8 @@ TRITON_OPS = {
     "upsample_bicubic": ("resample", "upsample_bicubic"),
     "downsample_area": ("resample", "downsample_area"),
     "sample_tokens": ("sampling", "sample_tokens"),
-    "zipar_attention": ("zipar_attention", "zipar_attention"),  # reference: var_rt.runtime.zipar.attention_ref
+    "zipar_attention": ("zipar_attention", "zipar_attention"),
+    "group_norm_silu": ("groupnorm", "group_norm_silu"),  # reference: var_rt.runtime.zipar.attention_ref
 }
 _warned: set = set()
 _forced: list = []  # stack of backends forced by `use_backend`
@@ -126,6 +127,23 @@ def adaln_ref(x, scale, shift, eps=1e-6, out=None):
 def adaln(x, scale, shift, eps=1e-6, out=None, backend=None):
     fn = _dispatch("adaln", backend, x.device)
     return (fn or adaln_ref)(x, scale, shift, eps, out=out)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GroupNorm (+ SiLU) of the VQVAE decoder
+def group_norm_silu_ref(x, weight, bias, groups: int, eps: float = 1e-6, silu: bool = True, out=None):
+    """x (B, C, H, W); GroupNorm(groups, affine) with fp32 statistics, then SiLU when `silu`; x's dtype."""
+    y = F.group_norm(x.float(), groups, weight.float(), bias.float(), eps)
+    y = (F.silu(y) if silu else y).to(x.dtype)
+    if out is not None:
+        out.copy_(y)
+        return out
+    return y
+
+
+def group_norm_silu(x, weight, bias, groups: int, eps: float = 1e-6, silu: bool = True, out=None, backend=None):
+    fn = _dispatch("group_norm_silu", backend, x.device) if x.is_contiguous() else None
+    return (fn or group_norm_silu_ref)(x, weight, bias, groups, eps, silu, out=out)
 
 
 # --------------------------------------------------------------------------------------------------------------

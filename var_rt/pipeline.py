@@ -84,6 +84,8 @@ class VARPipeline:
         self.last_tokens, self.last_stats = None, {}
         self._pools: dict = {}
         self.use_graphs = self.device.type == "cuda"
+        if self.device.type == "cuda":  # the VQVAE decoder's convs: let cuDNN pick its fastest algorithms
+            torch.backends.cudnn.benchmark = True
         self._graphs = None
 
     @property
