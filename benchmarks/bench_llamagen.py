@@ -19,29 +19,16 @@ import time
 
 import torch
 
+from timing import sync, timed  # noqa: E402  (benchmarks/timing.py)
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
 
 from var_rt.llamagen_pipeline import LlamaGenPipeline  # noqa: E402
 from var_rt.models.llamagen import LlamaGenConfig  # noqa: E402
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
-def timed(fn, device, warmup: int, iters: int) -> float:
-    """Median seconds of fn over iters runs after warmup runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def fast_path_usable(device) -> str | None:
@@ -95,7 +82,7 @@ def main(argv=None) -> int:
         name = a.model
     else:
         p.error("give --random-weights, --gpt/--vq or --tiny")
-    _sync(device)
+    sync(device)
     print(json.dumps({"bench": "llamagen", "event": "loaded", "model": name, "device": str(device), "dtype": dtype,
                       "load_s": round(time.perf_counter() - t0, 2), "grid": pipe.cfg.grid,
                       "params_M": round(sum(x.numel() for x in pipe.gpt.parameters()) / 1e6, 1)}), flush=True)

@@ -15,31 +15,15 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 
 import torch
 
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from timing import git_commit, sync, timed  # noqa: E402  (benchmarks/timing.py)
 
 
-def timed(fn, device, warmup: int, iters: int) -> float:
-    """Median seconds of `fn` over `iters` runs after `warmup`."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+
+
 
 
 def gemm_shapes(pipe, batch: int) -> list[tuple[int, int, int]]:
@@ -64,12 +48,6 @@ def gemm_only_seconds(shapes, dtype, device, warmup, iters) -> float:
     return timed(lambda: [a @ b for a, b in ops], device, warmup, iters)
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def build(a, device, dtype):

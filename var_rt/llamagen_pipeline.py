@@ -25,19 +25,8 @@ from var_rt import checkpoint, ops
 from var_rt.models import llamagen as gpt_model
 from var_rt.models import vq16
 from var_rt.runtime import zipar
+from var_rt.pipeline import resolve_dtype
 from var_rt.runtime.kv_pool import KVPool
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-
-
-def resolve_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
-
 
 def filter_logits(logits, top_k: int, top_p: float):
     """The official top_k_top_p_filtering on (..., V) logits: keep the top_k largest (0 = off, clamped to
