@@ -70,17 +70,22 @@ class Attention(nn.Module):
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), math.log(4.0)))
         self.proj = nn.Linear(C, C)
 
-    def forward(self, x, kv, start: int, q_scale=None, k_scale=None):
+    def constants(self):
+        """(qkv bias, per-head scale) for a generation: the official q bias / zero k bias / v bias, and
+        exp(min(scale_mul, ln 100)) (H,) fp32. Computed once, not per step."""
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        return bias, self.scale_mul_1H11.view(-1).float().clamp_max(MAX_SCALE_MUL).exp()
+
+    def forward(self, x, consts, kv, start: int, q_scale=None, k_scale=None):
         """x (N, l, C); kv (2, N, H, Lmax, D) pool view; writes this step's k, v at [start, start+l) and attends
         to [0, start+l). Returns (N, l, C)."""
         N, l, C = x.shape
-        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))  # official: no k bias
+        bias, scale_mul = consts
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(N, l, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, l, D)
         end = start + l
         kv[0, :, :, start:end].copy_(k)
         kv[1, :, :, start:end].copy_(v)
-        scale_mul = self.scale_mul_1H11.view(-1).float().clamp_max(MAX_SCALE_MUL).exp()  # (H,)
         o = ops.var_attention(q, kv[0, :, :, :end], kv[1, :, :, :end], scale_mul, q_scale, k_scale)
         return self.proj(o.transpose(1, 2).reshape(N, l, C))
 
@@ -113,9 +118,9 @@ class Block(nn.Module):
             return (self.ada_gss + shared).unbind(2)
         return self.ada_lin(cond).view(-1, 1, 6, self.C).unbind(2)
 
-    def forward(self, x, ada, kv, start: int, q_scale=None, k_scale=None):
+    def forward(self, x, ada, consts, kv, start: int, q_scale=None, k_scale=None):
         g1, g2, s1, s2, b1, b2 = ada
-        x = x + self.attn(ops.adaln(x, s1, b1, self.eps), kv, start, q_scale, k_scale) * g1
+        x = x + self.attn(ops.adaln(x, s1, b1, self.eps), consts, kv, start, q_scale, k_scale) * g1
         return x + self.ffn(ops.adaln(x, s2, b2, self.eps)) * g2
 
 
@@ -151,6 +156,7 @@ class VAR(nn.Module):
         return {
             "cond": cond,
             "ada": [b.ada_params(cond, shared) for b in self.blocks],
+            "attn": [b.attn.constants() for b in self.blocks],
             "head": (scale, shift),
         }
 
@@ -171,8 +177,8 @@ class VAR(nn.Module):
     # ---- per step -------------------------------------------------------------------------------------------
     def forward_tokens(self, x, state: dict, kv_layers, start: int, q_scale=None, k_scale=None):
         """x (2B, l, C) tokens at sequence positions [start, start+l); kv_layers[i] (2, 2B, H, Lmax, D)."""
-        for blk, ada, kv in zip(self.blocks, state["ada"], kv_layers):
-            x = blk(x, ada, kv, start, q_scale, k_scale)
+        for blk, ada, consts, kv in zip(self.blocks, state["ada"], state["attn"], kv_layers):
+            x = blk(x, ada, consts, kv, start, q_scale, k_scale)
         return x
 
     def logits(self, x, state: dict) -> torch.Tensor:
