@@ -94,3 +94,18 @@ def test_cuda_graph_replay_equals_eager_and_is_deterministic():
     assert torch.equal(g1, g2) and torch.equal(g1, eager)
     for x, y in zip(eager_tokens, pipe.last_tokens):
         assert torch.equal(x, y)
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_llamagen_graph_replay_equals_eager():
+    from var_rt.llamagen_pipeline import LlamaGenPipeline
+    pipe = LlamaGenPipeline.random("B", image_size=256, device="cuda", dtype="bf16")
+    pipe.backend = "triton"
+    pipe.use_graphs = False
+    eager = pipe.generate_tokens([1, 2], top_k=2000, top_p=1.0, seed=0, zipar_window=4).clone()
+    pipe.use_graphs = True
+    g1 = pipe.generate_tokens([1, 2], top_k=2000, top_p=1.0, seed=0, zipar_window=4).clone()
+    g2 = pipe.generate_tokens([1, 2], top_k=2000, top_p=1.0, seed=0, zipar_window=4)
+    assert pipe._graphs.disabled_reason is None
+    assert torch.equal(eager, g1) and torch.equal(g1, g2)

@@ -26,6 +26,7 @@ from var_rt.models import llamagen as gpt_model
 from var_rt.models import vq16
 from var_rt.runtime import zipar
 from var_rt.pipeline import resolve_dtype
+from var_rt.runtime.graphs import GraphCache
 from var_rt.runtime.kv_pool import KVPool
 
 def filter_logits(logits, top_k: int, top_p: float):
@@ -89,7 +90,9 @@ class LlamaGenPipeline:
         self.backend = backend
         if gpt.cfg.vocab_size != vq.cfg.codebook_size:
             raise ValueError(f"GPT vocab {gpt.cfg.vocab_size} != VQ codebook size {vq.cfg.codebook_size}")
-        self._plans, self._pool, self._pool_batch = {}, None, None
+        self._plans, self._pools = {}, {}
+        self.use_graphs = self.device.type == "cuda"  # whole-generation CUDA graphs (fast sampler only)
+        self._graphs = None
         self.last_tokens, self.last_forward_passes = None, None
 
     @property
@@ -183,13 +186,14 @@ class LlamaGenPipeline:
         return self._plans[zipar_window]
 
     def kv_layers(self, batch: int) -> list:
-        """Per-layer views (2, N, Hkv, L, D) of one preallocated arena, reused across calls of the same batch."""
-        if self._pool is None or self._pool_batch != batch:
-            self._pool = None
+        """Per-layer views (2, N, Hkv, L, D) of one preallocated arena per batch. Captured graphs point into
+        their arena, so with graphs every batch keeps its own; without, only the latest is kept."""
+        if batch not in self._pools:
+            if not self.use_graphs:
+                self._pools.clear()
             dt = self.gpt.tok_embeddings.weight.dtype
-            self._pool = KVPool({"llamagen": [self.gpt.kv_shape(batch)] * self.cfg.n_layer}, dt, self.device)
-            self._pool_batch = batch
-        return self._pool.views["llamagen"]
+            self._pools[batch] = KVPool({"llamagen": [self.gpt.kv_shape(batch)] * self.cfg.n_layer}, dt, self.device)
+        return self._pools[batch].views["llamagen"]
 
     @staticmethod
     def _check_sampling(cfg, top_k, top_p, temperature):
@@ -235,21 +239,21 @@ class LlamaGenPipeline:
         if seeds.numel() != B:
             raise ValueError(f"{seeds.numel()} seeds for {B} images")
         kv = self.kv_layers(N)
-        cls_ids = torch.cat([labels, torch.full_like(labels, c.num_classes)]) if use_cfg else labels
-        tokens = torch.zeros(B, c.grid * c.grid, dtype=torch.int64, device=self.device)
         backend = self.backend or ops.default_backend(self.device)
         # Fast path without top-p: ops.sample_tokens (Triton on CUDA: Philox noise keyed by (seed, raster index),
         # no host sync). Its CoDe filter order equals the official one when top-p is off (top-k commutes with the
         # temperature). With top-p < 1, or on the reference backend, the official-order torch sampler.
         fast_draw = backend != "torch" and top_p >= 1.0
-        seeds_dev = seeds.to(self.device) if fast_draw else None
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            mode = "sequential" if zipar_window is None else f"ZipAR w={zipar_window}"
-            bar = tqdm(total=len(plan), desc=f"LlamaGen {B} img, {mode}", unit="pass", leave=False)
-        try:
-            for p in plan:
+        # per pass: which drawn tokens still get CFG (cfg_interval), as device masks built before any capture
+        cfg_on = []
+        for p in plan:
+            on = [not (cfg_interval > -1 and t - 1 > cfg_interval) for t in p.steps]
+            cfg_on.append(None if all(on) else torch.tensor(on, device=self.device).view(1, -1, 1))
+
+        def decode(labels, seeds_in, bar=None):  # (B,) labels and seeds on the device -> (B, h*w) tokens
+            cls_ids = torch.cat([labels, torch.full_like(labels, c.num_classes)]) if use_cfg else labels
+            tokens = torch.zeros(B, c.grid * c.grid, dtype=torch.int64, device=self.device)
+            for p, on in zip(plan, cfg_on):
                 if p.prefill:
                     h = self.gpt.embed_classes(cls_ids)                                  # (N, 1, C)
                 else:
@@ -258,12 +262,10 @@ class LlamaGenPipeline:
                 logits = self.gpt.step(h, p.slots, kv, p.vis, backend)[:, p.sample_q]  # (N, S, V)
                 if use_cfg:
                     cond, uncond = logits[:B], logits[B:]
-                    on = [not (cfg_interval > -1 and t - 1 > cfg_interval) for t in p.steps]
                     mixed = uncond + (cond - uncond) * cfg
-                    logits = mixed if all(on) else torch.where(
-                        torch.tensor(on, device=self.device).view(1, -1, 1), mixed, cond)
+                    logits = mixed if on is None else torch.where(on, mixed, cond)
                 if fast_draw:  # one query at a time: the noise stream is the token's raster index
-                    drawn = torch.stack([ops.sample_tokens(logits[:, i:i + 1], seeds_dev, t, top_k, 0.0,
+                    drawn = torch.stack([ops.sample_tokens(logits[:, i:i + 1], seeds_in, t, top_k, 0.0,
                                                            max(temperature, 1e-5), backend=backend)[:, 0]
                                          for i, t in enumerate(p.steps)], dim=1)
                 else:
@@ -271,9 +273,26 @@ class LlamaGenPipeline:
                 tokens[:, p.targets] = drawn
                 if bar is not None:
                     bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
+            return tokens
+
+        seeds_dev = seeds.to(self.device)
+        if self.use_graphs and self.device.type == "cuda" and fast_draw:
+            # the whole plan is static for (batch, window, settings): capture it once, replay it after
+            if self._graphs is None:
+                self._graphs = GraphCache(self.device)
+            key = (B, zipar_window, cfg, cfg_interval, top_k, temperature, backend)
+            tokens = self._graphs.run(key, lambda lab, sd: (decode(lab, sd),), labels, seeds_dev)[0]
+        else:
+            bar = None
+            if progress:
+                from tqdm import tqdm
+                mode = "sequential" if zipar_window is None else f"ZipAR w={zipar_window}"
+                bar = tqdm(total=len(plan), desc=f"LlamaGen {B} img, {mode}", unit="pass", leave=False)
+            try:
+                tokens = decode(labels, seeds_dev, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
         self.last_tokens = tokens
         self.last_forward_passes = len(plan)
         return tokens
