@@ -1,5 +1,5 @@
 # make test: set up a venv (torch 2.13 CPU + var_rt with test extras) and run the tests (Triton kernels in the
-#            interpreter on the CPU). make demo: set up and generate a grid with the embedded default model.
+#            interpreter on the CPU). make demo: set up and draw the embedded trained demo models' grid.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
@@ -19,9 +19,7 @@ test: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
 demo: setup
-	mkdir -p out
-	$(VENV)/bin/var-rt generate --random-weights small --classes 207 360 388 1 --top-k 100 --seed 0 \
-		--out out/demo.png --per-image out/demo --device cpu --verbose
+	$(VENV)/bin/var-rt demo --out out/demo.png --seed 0
 
 bench: setup
 	TRITON_INTERPRET=1 $(PY) benchmarks/bench_var.py --tiny

@@ -1,0 +1,161 @@
+"""`var-rt demo` and `var-rt eval-demo`: the embedded, trained SHAPES-10 demo models.
+
+demo: one labelled PNG grid, a row per class; columns: VAR drafter alone, CoDe at two N, LlamaGen sequential and
+ZipAR at two windows (when var_rt.demo.train_llamagen and its weights are there; else the VAR columns only).
+eval-demo: a table of classifier accuracy, Frechet distance of classifier features vs real held-out SHAPES-10
+images, and time, for each method.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from var_rt import ops
+from var_rt.demo.data import CLASSES, NUM_CLASSES
+
+
+def _var_methods(weights):
+    """[(column name, generate(labels, seed) -> images01, info())] for the VAR drafter and CoDe."""
+    from var_rt.demo import train_var as tv
+    samp = tv.demo_sampling(weights)
+    out = []
+    for n in (None, *tv.demo_code_steps(weights)):
+        pipe = tv.load_demo_var(n, weights)
+        name = "VAR drafter" if n is None else f"CoDe N={n}"
+
+        def gen(labels, seed, pipe=pipe):
+            return pipe(labels, seeds=[ops.mix_seed(seed, i) for i in range(len(labels))], **samp)
+        out.append((name, gen, lambda: ""))
+    return out
+
+
+def _llamagen_methods(log=print):
+    """LlamaGen sequential + ZipAR at the two demo windows, or [] (with the reason printed) when missing."""
+    try:
+        from var_rt.demo import train_llamagen as tl
+        pipe = tl.load_demo_llamagen(device="cpu")
+        windows, samp = tuple(tl.DEMO_ZIPAR_WINDOWS), dict(tl.DEMO_SAMPLING)
+    except (ImportError, FileNotFoundError, AttributeError) as e:
+        log(f"LlamaGen demo models not available ({type(e).__name__}: {e}): VAR columns only")
+        return []
+    out = []
+    for w in (None, *windows):
+        def gen(labels, seed, w=w):
+            seeds = [ops.mix_seed(seed, i) for i in range(len(labels))]
+            return pipe(torch.as_tensor(labels), seeds=seeds, zipar_window=w, **samp)
+        out.append(("LlamaGen seq" if w is None else f"ZipAR w={w}", gen,
+                    lambda: f"{getattr(pipe, 'last_forward_passes', '?')} passes"))
+    return out
+
+
+def methods(which="all", weights=None, log=print):
+    from var_rt.demo import train_var as tv
+    weights = weights or tv.WEIGHTS_DIR
+    out = []
+    if which in ("all", "var"):
+        out += _var_methods(weights)
+    if which in ("all", "llamagen"):
+        out += _llamagen_methods(log)
+    return out
+
+
+def draw_grid(columns, classes, samples: int, scale: int, path: str) -> str:
+    """columns: [(name, subtitle, images01 (len(classes)*samples, 3, h, w) ordered class-major)]."""
+    from PIL import Image, ImageDraw, ImageFont
+    from var_rt.images import to_uint8, write_png
+    import numpy as np
+    font = ImageFont.load_default()
+    h, w = columns[0][2].shape[-2:]
+    cell_h, cell_w, pad, gap = h * scale, w * scale, 4, 12
+    label_w, head_h = 128, 34
+    group_w = samples * (cell_w + pad) - pad
+    W = label_w + len(columns) * (group_w + gap)
+    H = head_h + len(classes) * (cell_h + pad)
+    canvas = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(canvas)
+    for ci, (name, sub, imgs) in enumerate(columns):
+        x0 = label_w + ci * (group_w + gap)
+        draw.text((x0, 4), name, fill="black", font=font)
+        draw.text((x0, 18), sub, fill=(90, 90, 90), font=font)
+        arr = to_uint8(imgs)
+        for ri in range(len(classes)):
+            for s in range(samples):
+                tile = Image.fromarray(arr[ri * samples + s]).resize((cell_w, cell_h), Image.NEAREST)
+                canvas.paste(tile, (x0 + s * (cell_w + pad), head_h + ri * (cell_h + pad)))
+    for ri, c in enumerate(classes):
+        draw.text((4, head_h + ri * (cell_h + pad) + cell_h // 2 - 6), f"{c}: {CLASSES[c]}", fill="black", font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_png(np.asarray(canvas), path)
+    return path
+
+
+def cmd_demo(a) -> int:
+    torch.set_num_threads(max(1, a.threads or torch.get_num_threads()))
+    classes = a.classes or list(range(NUM_CLASSES))
+    labels = [c for c in classes for _ in range(a.samples)]
+    cols = []
+    for name, gen, info in methods(a.methods, a.weights):
+        t0 = time.time()
+        with torch.no_grad():
+            imgs = gen(labels, a.seed)
+        dt = time.time() - t0
+        extra = info()
+        cols.append((name, f"{dt:.2f} s" + (f", {extra}" if extra else ""), imgs))
+        print(f"{name:14s} {len(labels)} images in {dt:6.2f} s{'  (' + extra + ')' if extra else ''}")
+    if not cols:
+        print("no demo model available")
+        return 1
+    path = draw_grid(cols, classes, a.samples, a.scale, a.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from var_rt.demo import classifier
+    torch.set_num_threads(max(1, a.threads or torch.get_num_threads()))
+    n = a.samples_per_class
+    labels = torch.arange(NUM_CLASSES).repeat(n)
+    xr, yr = classifier.real_images(n, seed=classifier.HELDOUT_SEED + 1)
+    rows = [classifier.evaluate("real SHAPES-10 (other seed)", xr, yr)]
+    for name, gen, info in methods(a.methods, a.weights):
+        t0, out = time.time(), []
+        with torch.no_grad():
+            for i in range(0, len(labels), a.batch):  # per-chunk seeds: image j's seed depends on (seed, j) only
+                out.append(gen(labels[i:i + a.batch].tolist(), ops.mix_seed(a.seed, i)))
+        rows.append(classifier.evaluate(name, torch.cat(out), labels, time.time() - t0))
+        print(classifier.format_table(rows[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(f"SHAPES-10, {n} samples per class, seed {a.seed}; Frechet distance of classifier features vs "
+          f"{n} real held-out images per class")
+    print(classifier.format_table(rows))
+    if a.json:
+        import json
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+def add_parser(sub) -> None:
+    d = sub.add_parser("demo", help="generate a labelled PNG grid with the embedded demo models (SHAPES-10)")
+    d.add_argument("--out", default="out/demo.png", help="PNG path")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--samples", type=int, default=2, help="images per class and method")
+    d.add_argument("--classes", type=int, nargs="+", help="class ids (default: all 10)")
+    d.add_argument("--scale", type=int, default=3, help="nearest-neighbour upscaling of the 32 px images")
+    _common(d)
+    d.set_defaults(fn=cmd_demo)
+    e = sub.add_parser("eval-demo", help="classifier accuracy and Frechet distance of the demo models' samples")
+    e.add_argument("--samples-per-class", type=int, default=50)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch", type=int, default=100)
+    e.add_argument("--json", help="also write the rows as JSON here")
+    _common(e)
+    e.set_defaults(fn=cmd_eval)
+
+
+def _common(p) -> None:
+    p.add_argument("--methods", choices=["all", "var", "llamagen"], default="all", help="which model families")
+    p.add_argument("--weights", help="folder of the VAR demo files (default: the shipped ones)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
