@@ -25,7 +25,7 @@ from var_rt import checkpoint, ops
 from var_rt.models import llamagen as gpt_model
 from var_rt.models import vq16
 from var_rt.runtime import zipar
-from var_rt.pipeline import resolve_dtype
+from var_rt.pipeline import check_class_labels, resolve_dtype
 from var_rt.runtime.graphs import GraphCache
 from var_rt.runtime.kv_pool import KVPool
 
@@ -163,15 +163,7 @@ class LlamaGenPipeline:
 
     # ---- sampling -------------------------------------------------------------------------------------------
     def check_labels(self, class_labels) -> torch.Tensor:
-        labels = torch.as_tensor(list(class_labels) if not torch.is_tensor(class_labels) else class_labels).flatten()
-        if labels.numel() == 0:
-            raise ValueError("class_labels is empty: give at least one class id")
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise ValueError(f"class ids must be integers, got {labels.dtype}")
-        bad = [int(x) for x in labels if not 0 <= int(x) < self.num_classes]
-        if bad:
-            raise ValueError(f"class ids {bad} outside [0, {self.num_classes})")
-        return labels.long()
+        return check_class_labels(class_labels, self.num_classes)
 
     def plan(self, zipar_window=None) -> list:
         """The passes of sequential decoding (None) or ZipAR with window w, cached."""

@@ -28,6 +28,19 @@ def image_seeds(seed: int, indices) -> torch.Tensor:
     return torch.tensor([ops.mix_seed(int(seed), int(i)) for i in indices], dtype=torch.int64)
 
 
+def check_class_labels(class_labels, num_classes: int) -> torch.Tensor:
+    """(B,) int64 class ids, or a ValueError naming what is wrong (empty, not integers, out of range)."""
+    labels = torch.as_tensor(list(class_labels) if not torch.is_tensor(class_labels) else class_labels).flatten()
+    if labels.numel() == 0:
+        raise ValueError("class_labels is empty: give at least one class id")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"class ids must be integers, got {labels.dtype}")
+    bad = [int(x) for x in labels if not 0 <= int(x) < num_classes]
+    if bad:
+        raise ValueError(f"class ids {bad} outside [0, {num_classes})")
+    return labels.long()
+
+
 def load_var(path, device="cpu", dtype=torch.float32, what="VAR checkpoint") -> var_model.VAR:
     sd = checkpoint.read_state_dict(path)
     if "quantize.embedding.weight" in sd or "tok_embeddings.weight" in sd:
@@ -151,15 +164,7 @@ class VARPipeline:
 
     # ---- sampling -----------------------------------------------------------------------------------------------
     def check_labels(self, class_labels) -> torch.Tensor:
-        labels = torch.as_tensor(list(class_labels) if not torch.is_tensor(class_labels) else class_labels).flatten()
-        if labels.numel() == 0:
-            raise ValueError("class_labels is empty: give at least one class id")
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise ValueError(f"class ids must be integers, got {labels.dtype}")
-        bad = [int(x) for x in labels if not 0 <= int(x) < self.num_classes]
-        if bad:
-            raise ValueError(f"class ids {bad} outside [0, {self.num_classes})")
-        return labels.long()
+        return check_class_labels(class_labels, self.num_classes)
 
     def prepare_graphs(self, batch_sizes, **sampling) -> None:
         """Capture CUDA graphs ahead of time, largest batch first (they share one memory pool)."""

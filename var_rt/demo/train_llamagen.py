@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from var_rt.llamagen_pipeline import LlamaGenPipeline
 from var_rt.models import llamagen, vq16
 from var_rt.runtime import zipar
+from var_rt.demo.train_var import Downsample2x as Downsample  # the official asymmetric-padding stride-2 conv
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
 GPT_FILE, VQ_FILE, MANIFEST_FILE = "llamagen_gpt.safetensors", "llamagen_vq.safetensors", "llamagen_manifest.json"
@@ -57,16 +58,6 @@ def load_demo_llamagen(device="cpu", dtype=torch.float32, backend=None, weights_
 
 
 # ---- VQ: the official encoder side (names encoder.*, quant_conv) around our VQ16 decoder ------------------------
-class Downsample(nn.Module):
-    """Stride-2 3x3 conv after padding right and bottom by one (the official asymmetric padding)."""
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, 2, 0)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
 class Encoder(nn.Module):
     """conv_in; per level (highest resolution first) num_res_blocks ResnetBlocks (+ AttnBlocks at the lowest
     resolution) and a Downsample except after the last; mid (res, attn, res); norm_out, SiLU, conv_out."""
