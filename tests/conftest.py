@@ -54,6 +54,15 @@ def official_vae_state_dict(vae, num_scales=4, seed=0):
 
 
 @pytest.fixture
+def one_thread():
+    """Hundreds of tiny forward passes: intra-op threads only add overhead (and stall on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny_files(tmp_path):
     """A tiny VAR + VQVAE written in the official formats: raw .pth state dicts."""
     var, vae = tiny_var(), tiny_vae()

@@ -15,12 +15,7 @@ N_PER_CLASS = 20      # 200 images per schedule, labels 0..9 repeated, image i s
 CHECKERBOARD = 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ from var_rt.models import llamagen, vq16
 from var_rt.runtime import zipar
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Hundreds of tiny forward passes: intra-op threads only add overhead (and stall on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(**kw):

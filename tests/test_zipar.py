@@ -38,13 +38,7 @@ OFFICIAL_5x5_W2 = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Hundreds of tiny forward passes: intra-op threads only add overhead (and stall on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _as_official(passes, P=1):
