@@ -70,12 +70,19 @@ def test_crash_midway_then_resume_gives_the_complete_identical_set(tmp_path, tin
     assert not (out / ".tmp-junk.png").exists()
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_torchrun_two_processes_equal_one_process(tmp_path, tiny_files):
     one = tmp_path / "one"
     assert cli.main(sample_args(tiny_files, one, "--batch", "4")) == 0
     two = tmp_path / "two"
     r = run_module(sample_args(tiny_files, two, "--batch", "2"),
-                   launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"))
+                   launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())))
     assert r.returncode == 0, r.stdout + r.stderr
     assert read_all(one, 6) == read_all(two, 6)
     assert np.array_equal(np.load(str(one) + ".npz")["arr_0"], np.load(str(two) + ".npz")["arr_0"])
