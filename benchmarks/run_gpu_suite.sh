@@ -11,7 +11,7 @@ unset TRITON_INTERPRET
 pip install --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1 || { tail -30 "$OUT/install.log"; exit 1; }
 var-rt info | tee "$OUT/info.txt"
 timeout 240 python -m pytest -q -m cuda tests 2>&1 | tail -15 | tee "$OUT/pytest_cuda.txt"
-timeout 240 python -m pytest -q -x tests/test_kernels.py tests/test_kernel_groupnorm.py tests/test_rvq_ext.py 2>&1 | tail -5 | tee "$OUT/pytest_kernels_compiled.txt"
+timeout 240 python -m pytest -q -x tests/test_kernels.py tests/test_kernels_fused.py tests/test_rvq_ext.py 2>&1 | tail -5 | tee "$OUT/pytest_kernels_compiled.txt"
 B="python benchmarks/bench_var.py --random-weights --warmup 2 --iters 5 --out $OUT/bench_var.jsonl"
 for bs in 64 1; do
   timeout 300 $B --drafter d30 --drafter-only --batch $bs

@@ -76,3 +76,70 @@ def adaln(x, scale, shift, eps=1e-6, out=None):
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
     )
     return out
+
+
+@triton.jit
+def _residual_adaln_kernel(
+    X, YB, G, SC, SH, XO, HO,
+    R, L, C,
+    sxn, sxl, sxc, syn, syl, syc, sgn, sgc, scn, scc, shn, shc, son, sol, soc, shon, shol, shoc,
+    eps,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rows < R
+    n = rows // L
+    l = rows % L
+    cols = tl.arange(0, BLOCK_C)
+    mask = r_ok[:, None] & (cols < C)[None, :]
+    x = tl.load(X + (n * sxn + l * sxl)[:, None] + cols[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(YB + (n * syn + l * syl)[:, None] + cols[None, :] * syc, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + (n * sgn)[:, None] + cols[None, :] * sgc, mask=mask, other=0.0).to(tl.float32)
+    # the residual stream is rounded to its dtype first: the LayerNorm sees exactly what is stored
+    xn = (x + y * g).to(XO.dtype.element_ty)
+    tl.store(XO + (n * son + l * sol)[:, None] + cols[None, :] * soc, xn, mask=mask)
+    xf = tl.where(mask, xn.to(tl.float32), 0.0)
+    mean = tl.sum(xf, axis=1) / C
+    xc = tl.where(mask, xf - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+    sc = tl.load(SC + (n * scn)[:, None] + cols[None, :] * scc, mask=mask, other=0.0).to(tl.float32)
+    sh = tl.load(SH + (n * shn)[:, None] + cols[None, :] * shc, mask=mask, other=0.0).to(tl.float32)
+    h = (xc * rstd[:, None]) * (1.0 + sc) + sh
+    tl.store(HO + (n * shon + l * shol)[:, None] + cols[None, :] * shoc, h.to(HO.dtype.element_ty), mask=mask)
+
+
+def residual_adaln(x, y, gamma, scale, shift, eps=1e-6):
+    """x, y (N, L, C); gamma, scale, shift (N, 1, C). Returns (x + y * gamma, adaln of that), one pass.
+    Spec: var_rt.ops.residual_adaln_ref."""
+    op = "residual_adaln"
+    check_tensor(op, "x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    dev = x.device
+    check_device(op, dev)
+    N, L, C = x.shape
+    check_tensor(op, "y", y, ndim=3, dtypes=FLOAT_DTYPES, device=dev)
+    check(tuple(y.shape) == (N, L, C), op, f"y has shape {tuple(y.shape)}, expected {(N, L, C)}")
+    for name, t in (("gamma", gamma), ("scale", scale), ("shift", shift)):
+        check_tensor(op, name, t, ndim=3, dtypes=FLOAT_DTYPES, device=dev)
+        check(t.shape[1] == 1 and t.shape[2] == C and t.shape[0] in (1, N), op,
+              f"{name} has shape {tuple(t.shape)}, expected (N={N}, 1, C={C})")
+    x_out = torch.empty((N, L, C), device=dev, dtype=x.dtype)
+    h_out = torch.empty((N, L, C), device=dev, dtype=x.dtype)
+    R = N * L
+    if R == 0 or C == 0:
+        return x_out, h_out
+    gamma, scale, shift = (t.expand(N, 1, C) for t in (gamma, scale, shift))
+    block_c = next_pow2(C)
+    target = 16384 if interpreting() else 4096
+    block_r = max(1, min(next_pow2(R), target // block_c, 64))
+    tile = block_r * block_c
+    warps = 1 if tile <= 256 else 2 if tile <= 1024 else 4 if tile <= 4096 else 8 if tile <= 8192 else 16
+    _residual_adaln_kernel[(triton.cdiv(R, block_r),)](
+        x, y, gamma, scale, shift, x_out, h_out,
+        R, L, C,
+        x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+        gamma.stride(0), gamma.stride(2), scale.stride(0), scale.stride(2), shift.stride(0), shift.stride(2),
+        x_out.stride(0), x_out.stride(1), x_out.stride(2), h_out.stride(0), h_out.stride(1), h_out.stride(2),
+        float(eps),
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+    )
+    return x_out, h_out

@@ -21,6 +21,7 @@ BACKENDS = ("torch", "triton", "cuda")
 TRITON_OPS = {
     "var_attention": ("attention", "var_attention"),
     "adaln": ("adaln", "adaln"),
+    "residual_adaln": ("adaln", "residual_adaln"),
     "upsample_bicubic": ("resample", "upsample_bicubic"),
     "downsample_area": ("resample", "downsample_area"),
     "sample_tokens": ("sampling", "sample_tokens"),
@@ -127,6 +128,17 @@ def adaln_ref(x, scale, shift, eps=1e-6, out=None):
 def adaln(x, scale, shift, eps=1e-6, out=None, backend=None):
     fn = _dispatch("adaln", backend, x.device)
     return (fn or adaln_ref)(x, scale, shift, eps, out=out)
+
+
+def residual_adaln_ref(x, y, gamma, scale, shift, eps=1e-6):
+    """The gated residual add then the next AdaLN: x' = x + y * gamma (in x's dtype); returns (x', adaln(x'))."""
+    x = (x.float() + y.float() * gamma.float()).to(x.dtype)
+    return x, adaln_ref(x, scale, shift, eps)
+
+
+def residual_adaln(x, y, gamma, scale, shift, eps=1e-6, backend=None):
+    fn = _dispatch("residual_adaln", backend, x.device)
+    return (fn or residual_adaln_ref)(x, y, gamma, scale, shift, eps)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -120,8 +120,9 @@ class Block(nn.Module):
 
     def forward(self, x, ada, consts, kv, start: int, q_scale=None, k_scale=None):
         g1, g2, s1, s2, b1, b2 = ada
-        x = x + self.attn(ops.adaln(x, s1, b1, self.eps), consts, kv, start, q_scale, k_scale) * g1
-        return x + self.ffn(ops.adaln(x, s2, b2, self.eps)) * g2
+        a = self.attn(ops.adaln(x, s1, b1, self.eps), consts, kv, start, q_scale, k_scale)
+        x, h = ops.residual_adaln(x, a, g1, s2, b2, self.eps)  # x += a * gamma1, then the FFN's AdaLN, one pass
+        return x + self.ffn(h) * g2
 
 
 class HeadNorm(nn.Module):  # official AdaLNBeforeHead: only `ada_lin` has weights

@@ -1,4 +1,5 @@
-"""GroupNorm(+SiLU) Triton kernel against ops.group_norm_silu_ref (TRITON_INTERPRET=1 on the CPU)."""
+"""Fused kernels against their ops references (TRITON_INTERPRET=1 on the CPU): GroupNorm(+SiLU) and the gated
+residual add fused with the next AdaLN."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -56,3 +57,27 @@ def test_decoder_fast_path_equals_reference():
     with ops.use_backend("triton"):
         got = vae.fhat_to_img(f)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+# ---- the gated residual add fused with the next AdaLN (kernels/adaln.py) ------------------------------------
+@pytest.mark.parametrize("N,L,C", [(2, 5, 48), (1, 1, 64), (3, 13, 96)])
+def test_residual_adaln_matches_reference(N, L, C):
+    from var_rt.kernels.adaln import residual_adaln
+    g = torch.Generator().manual_seed(N * L + C)
+    x, y = torch.randn(N, L, C, generator=g), torch.randn(N, L, C, generator=g)
+    gamma, sc, sh = (torch.randn(N, 1, C, generator=g) for _ in range(3))
+    xo, ho = residual_adaln(x, y, gamma, sc, sh, 1e-6)
+    xr, hr = ops.residual_adaln_ref(x, y, gamma, sc, sh, 1e-6)
+    torch.testing.assert_close(xo, xr, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ho, hr, atol=1e-5, rtol=1e-5)
+
+
+def test_residual_adaln_bf16_stream_rounded_like_reference():
+    from var_rt.kernels.adaln import residual_adaln
+    g = torch.Generator().manual_seed(3)
+    x, y = (torch.randn(2, 7, 64, generator=g).to(torch.bfloat16) for _ in range(2))
+    gamma, sc, sh = (torch.randn(2, 1, 64, generator=g).to(torch.bfloat16) for _ in range(3))
+    xo, ho = residual_adaln(x, y, gamma, sc, sh)
+    xr, hr = ops.residual_adaln_ref(x, y, gamma, sc, sh)
+    assert (xo.float() - xr.float()).abs().max() <= 2 ** -7 * xr.float().abs().max()
+    assert (ho.float() - hr.float()).abs().max() <= 2 * 2 ** -7 * hr.float().abs().max()
