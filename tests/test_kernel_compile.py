@@ -76,6 +76,7 @@ def main(full: bool) -> int:
     import triton
     try:
         attention, adaln, resample, sampling = _modules()
+        groupnorm = importlib.import_module(adaln.__name__.rsplit(".", 1)[0] + ".groupnorm")
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.backends.nvidia import compiler as _nv  # noqa: F401
     except Exception as e:  # pragma: no cover - a triton without the CUDA backend
@@ -110,6 +111,15 @@ def main(full: bool) -> int:
                             syl=1920, syc=1, eps=1e-6)
                 _compile(triton, torch, adaln._adaln_kernel, args, dict(BLOCK_R=br, BLOCK_C=bc), cc, w)
                 n += 1
+            # gated residual add + AdaLN (VAR-d30 rows), GroupNorm+SiLU (the VQVAE decoder's top level)
+            args = dict(X=t(dt), YB=t(dt), G=t(dt), SC=t(dt), SH=t(dt), XO=t(dt), HO=t(dt), R=128 * 169, L=169,
+                        C=1920, sxn=169 * 1920, sxl=1920, sxc=1, syn=169 * 1920, syl=1920, syc=1, sgn=6 * 1920, sgc=1, scn=6 * 1920, scc=1,
+                        shn=6 * 1920, shc=1, son=169 * 1920, sol=1920, soc=1, shon=169 * 1920, shol=1920, shoc=1,
+                        eps=1e-6)
+            _compile(triton, torch, adaln._residual_adaln_kernel, args, dict(BLOCK_R=2, BLOCK_C=2048), cc, 4)
+            args = dict(X=t(dt), W=t(dt), B=t(dt), Y=t(dt), G=32, CPG=5, HW=65536, eps=1e-6)
+            _compile(triton, torch, groupnorm._gn_kernel, args, dict(SILU=True, BLOCK=2048), cc, 8)
+            n += 2
             rs = dict(X=t(dt), Y=t(dt), total=64 * 32 * 256, C=32, H=13, W=13, OH=16, OW=16, sxb=32 * 169,
                       sxc=169, sxh=13, sxw=1, syb=8192, syc=256, syh=16, syw=1)
             _compile(triton, torch, resample._bicubic_kernel, dict(rs, scale_h=13 / 16, scale_w=13 / 16),
