@@ -15,6 +15,24 @@ from ._common import FLOAT_DTYPES, check, check_device, check_out, check_tensor,
 _OP = "adaln"
 
 
+def _row_tiles(R: int, C: int):
+    """(BLOCK_R, BLOCK_C, num_warps): whole rows in registers, about 4096 elements per program."""
+    block_c = next_pow2(C)
+    target = 16384 if interpreting() else 4096  # elements per program
+    block_r = max(1, min(next_pow2(R), target // block_c, 64))
+    tile = block_r * block_c
+    warps = 1 if tile <= 256 else 2 if tile <= 1024 else 4 if tile <= 4096 else 8 if tile <= 8192 else 16
+    return block_r, block_c, warps
+
+
+def _check_rows(op: str, dev, N: int, C: int, **per_row) -> None:
+    """Each named tensor is a (N or 1, 1, C) modulation on `dev`."""
+    for name, t in per_row.items():
+        check_tensor(op, name, t, ndim=3, dtypes=FLOAT_DTYPES, device=dev)
+        check(t.shape[1] == 1 and t.shape[2] == C and t.shape[0] in (1, N), op,
+              f"{name} has shape {tuple(t.shape)}, expected (N={N}, 1, C={C})")
+
+
 @triton.jit
 def _adaln_kernel(
     X, SC, SH, Y,
@@ -47,10 +65,7 @@ def adaln(x, scale, shift, eps=1e-6, out=None):
     dev = x.device
     check_device(_OP, dev)
     N, L, C = x.shape
-    for name, t in (("scale", scale), ("shift", shift)):
-        check_tensor(_OP, name, t, ndim=3, dtypes=FLOAT_DTYPES, device=dev)
-        check(t.shape[1] == 1 and t.shape[2] == C and t.shape[0] in (1, N), _OP,
-              f"{name} has shape {tuple(t.shape)}, expected (N={N}, 1, C={C})")
+    _check_rows(_OP, dev, N, C, scale=scale, shift=shift)
     check(float(eps) >= 0.0, _OP, f"eps must be >= 0, got {eps}")
     if out is None:
         out = torch.empty((N, L, C), device=dev, dtype=x.dtype)
@@ -61,11 +76,7 @@ def adaln(x, scale, shift, eps=1e-6, out=None):
         return out
     scale = scale.expand(N, 1, C)  # stride 0 over N when it broadcasts
     shift = shift.expand(N, 1, C)
-    block_c = next_pow2(C)
-    target = 16384 if interpreting() else 4096  # elements per program
-    block_r = max(1, min(next_pow2(R), target // block_c, 64))
-    tile = block_r * block_c
-    warps = 1 if tile <= 256 else 2 if tile <= 1024 else 4 if tile <= 4096 else 8 if tile <= 8192 else 16
+    block_r, block_c, warps = _row_tiles(R, C)
     grid = (triton.cdiv(R, block_r),)
     _adaln_kernel[grid](
         x, scale, shift, out,
@@ -118,21 +129,14 @@ def residual_adaln(x, y, gamma, scale, shift, eps=1e-6):
     N, L, C = x.shape
     check_tensor(op, "y", y, ndim=3, dtypes=FLOAT_DTYPES, device=dev)
     check(tuple(y.shape) == (N, L, C), op, f"y has shape {tuple(y.shape)}, expected {(N, L, C)}")
-    for name, t in (("gamma", gamma), ("scale", scale), ("shift", shift)):
-        check_tensor(op, name, t, ndim=3, dtypes=FLOAT_DTYPES, device=dev)
-        check(t.shape[1] == 1 and t.shape[2] == C and t.shape[0] in (1, N), op,
-              f"{name} has shape {tuple(t.shape)}, expected (N={N}, 1, C={C})")
+    _check_rows(op, dev, N, C, gamma=gamma, scale=scale, shift=shift)
     x_out = torch.empty((N, L, C), device=dev, dtype=x.dtype)
     h_out = torch.empty((N, L, C), device=dev, dtype=x.dtype)
     R = N * L
     if R == 0 or C == 0:
         return x_out, h_out
     gamma, scale, shift = (t.expand(N, 1, C) for t in (gamma, scale, shift))
-    block_c = next_pow2(C)
-    target = 16384 if interpreting() else 4096
-    block_r = max(1, min(next_pow2(R), target // block_c, 64))
-    tile = block_r * block_c
-    warps = 1 if tile <= 256 else 2 if tile <= 1024 else 4 if tile <= 4096 else 8 if tile <= 8192 else 16
+    block_r, block_c, warps = _row_tiles(R, C)
     _residual_adaln_kernel[(triton.cdiv(R, block_r),)](
         x, y, gamma, scale, shift, x_out, h_out,
         R, L, C,
