@@ -115,6 +115,19 @@ def load_model(model: nn.Module, sd: Mapping[str, torch.Tensor], *, dtype=torch.
     return model
 
 
+def load_checkpoint(path, read_config, build, *, what: str, sd=None, **load_kw) -> nn.Module:
+    """The one loading path of every family: read the file (or take `sd`), read the config off it (a ValueError
+    becomes a CheckpointError naming the file), build the model on `meta`, then check and assign strictly."""
+    sd = read_state_dict(path) if sd is None else sd
+    try:
+        cfg = read_config(sd)
+    except ValueError as e:
+        raise CheckpointError(f"{what} {path}: {e}") from None
+    with torch.device("meta"):
+        model = build(cfg)
+    return load_model(model, sd, what=f"{what} {path}", **load_kw)
+
+
 def save_state_dict(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, wrap: str | None = None) -> None:
     """Write a state dict in the format the extension names: .safetensors, or torch.save (optionally wrapped)."""
     path = os.fspath(path)

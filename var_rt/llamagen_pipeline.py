@@ -123,22 +123,14 @@ class LlamaGenPipeline:
         if image_size is None and "freqs_cis" not in sd:
             m = re.search(r"_(256|384|512)(?:\D|$)", os.path.basename(os.fspath(gpt)))
             image_size = int(m.group(1)) if m else None
-        try:
-            cfg = gpt_model.config_from_state_dict(sd, grid=image_size // 16 if image_size else None, n_head=n_head)
-        except ValueError as e:
-            raise checkpoint.CheckpointError(f"LlamaGen GPT {gpt}: {e}") from None
-        model = checkpoint.load_model(gpt_model.build_meta(cfg), sd, dtype=dt, device=device,
-                                      ignored=gpt_model.IGNORED_KEYS, what=f"LlamaGen GPT {gpt}")
+        grid = image_size // 16 if image_size else None
+        model = checkpoint.load_checkpoint(
+            gpt, lambda d: gpt_model.config_from_state_dict(d, grid=grid, n_head=n_head), gpt_model.LlamaGenGPT,
+            what="LlamaGen GPT", sd=sd, dtype=dt, device=device, ignored=gpt_model.IGNORED_KEYS)
         del sd
-        vsd = checkpoint.read_state_dict(vq)
-        try:
-            vcfg = vq16.config_from_state_dict(vsd)
-        except ValueError as e:
-            raise checkpoint.CheckpointError(f"LlamaGen VQ {vq}: {e}") from None
-        with torch.device("meta"):
-            tok = vq16.VQ16(vcfg)
-        tok = checkpoint.load_model(tok, vsd, dtype=torch.float32, device=device, ignored=vq16.IGNORED_KEYS,
-                                    keep_fp32=vq16.KEEP_FP32, what=f"LlamaGen VQ {vq}")
+        tok = checkpoint.load_checkpoint(vq, vq16.config_from_state_dict, vq16.VQ16, what="LlamaGen VQ",
+                                         dtype=torch.float32, device=device, ignored=vq16.IGNORED_KEYS,
+                                         keep_fp32=vq16.KEEP_FP32)
         return cls(model, tok, device=device, backend=backend)
 
     @classmethod

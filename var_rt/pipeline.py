@@ -46,13 +46,8 @@ def load_var(path, device="cpu", dtype=torch.float32, what="VAR checkpoint") -> 
     if "quantize.embedding.weight" in sd or "tok_embeddings.weight" in sd:
         raise checkpoint.CheckpointError(f"{path}: this is not a VAR transformer checkpoint "
                                          f"({'a VQVAE' if 'quantize.embedding.weight' in sd else 'a LlamaGen GPT'})")
-    try:
-        cfg = var_model.config_from_state_dict(sd)
-    except ValueError as e:
-        raise checkpoint.CheckpointError(f"{path}: {e}") from None
-    with torch.device("meta"):
-        model = var_model.VAR(cfg)
-    return checkpoint.load_model(model, sd, dtype=dtype, device=device, ignored=var_model.IGNORED_KEYS, what=f"{what} {path}")
+    return checkpoint.load_checkpoint(path, var_model.config_from_state_dict, var_model.VAR, what=what, sd=sd,
+                                      dtype=dtype, device=device, ignored=var_model.IGNORED_KEYS)
 
 
 def load_vqvae(path, device="cpu", dtype=torch.float32) -> vqvae_model.VQVAE:
@@ -60,14 +55,9 @@ def load_vqvae(path, device="cpu", dtype=torch.float32) -> vqvae_model.VQVAE:
     if "quantize.embedding.weight" not in sd:
         raise checkpoint.CheckpointError(f"{path}: this is not a VAR VQVAE checkpoint (no quantize.embedding.weight; "
                                          f"first keys: {list(sd)[:5]})")
-    try:
-        cfg = vqvae_model.config_from_state_dict(sd)
-    except ValueError as e:
-        raise checkpoint.CheckpointError(f"{path}: {e}") from None
-    with torch.device("meta"):
-        vae = vqvae_model.VQVAE(cfg)
-    return checkpoint.load_model(vae, sd, dtype=dtype, device=device, ignored=vqvae_model.IGNORED_KEYS,
-                                 keep_fp32=vqvae_model.KEEP_FP32, what=f"VQVAE checkpoint {path}")
+    return checkpoint.load_checkpoint(path, vqvae_model.config_from_state_dict, vqvae_model.VQVAE,
+                                      what="VQVAE checkpoint", sd=sd, dtype=dtype, device=device,
+                                      ignored=vqvae_model.IGNORED_KEYS, keep_fp32=vqvae_model.KEEP_FP32)
 
 
 class VARPipeline:
