@@ -21,8 +21,9 @@ test: setup
 demo: setup
 	$(VENV)/bin/var-rt demo --out out/demo.png --seed 0
 
+# the GPU suite's CPU dry run: every step of benchmarks/run_gpu_suite.sh part1 + part2 at tiny sizes
 bench: setup
-	TRITON_INTERPRET=1 $(PY) benchmarks/bench_var.py --tiny
+	PYTHON=$(PY) bash benchmarks/run_gpu_suite.sh --dry-run out/dry-run
 
 clean:
 	rm -rf build *.egg-info var_rt/_C*.so out

@@ -1,4 +1,4 @@
-"""Build of var_rt (metadata lives in pyproject.toml) and of its extension var_rt._C.
+"""Build of var_rt's extension var_rt._C (metadata, packages and package data live in pyproject.toml only).
 
 var_rt._C is built by ninja from a build.ninja this file writes: c++ for csrc/*.cpp (pybind11 + Python headers),
 nvcc for csrc/*.cu when CUDA is on, one link step. It does not link torch. CUDA is on when `nvcc` is found
@@ -169,14 +169,7 @@ def _rel(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(CSRC, pattern)))
 
 
-# Keep in step with [tool.setuptools] in pyproject.toml (which setuptools reads first).
-PACKAGES = ["var_rt", "var_rt.models", "var_rt.runtime", "var_rt.kernels", "var_rt.demo"]
-PACKAGE_DIR = {"var_rt.kernels": "kernels"}
-
 setup(
-    packages=PACKAGES,
-    package_dir=PACKAGE_DIR,
-    package_data={"var_rt.demo": ["weights/*.safetensors", "weights/*.json"]},
     # sources listed for sdists and for setuptools' bookkeeping; NinjaBuildExt does the compiling
     ext_modules=[Extension("var_rt._C", sources=_rel("*.cpp") + _rel("*.cu"), depends=_rel("*.h"))],
     cmdclass={"build_ext": NinjaBuildExt},

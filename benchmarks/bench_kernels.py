@@ -98,9 +98,9 @@ def ceilings(device, run):
 
 
 class Report:
-    def __init__(self, out, bw, flops, device):
+    def __init__(self, out, bw, flops, meta):
         self.f = open(out, "a") if out else None
-        self.bw, self.flops, self.device = bw, flops, device
+        self.bw, self.flops, self.meta = bw, flops, meta  # meta: device, date, commit, ... (timing.run_meta)
         print(f"# ceilings: copy {bw / 1e12:.3f} TB/s" + (f", bf16 matmul {flops / 1e12:.1f} TFLOP/s" if flops else ""))
         print(f"# {'kernel':<10} {'model':<5} {'pn':>3} {'impl':<14} {'ms':>9} {'TFLOP/s':>8} {'TB/s':>7} {'roof':>5} mode")
 
@@ -109,7 +109,7 @@ class Report:
         rec = dict(kernel=kernel, model=model, pn=pn, impl=impl, ms=sec * 1e3, mode=mode,
                    tflops=flop / sec / 1e12, tbps=nbytes / sec / 1e12, roof=roof_t / sec if roof_t else None,
                    ceiling_tbps=self.bw / 1e12, ceiling_tflops=self.flops / 1e12 if self.flops else None,
-                   device=self.device, **extra)
+                   **self.meta, **extra)
         roof = f"{rec['roof']:.2f}" if rec["roof"] is not None else "-"
         print(f"# {kernel:<10} {model:<5} {pn:>3} {impl:<14} {rec['ms']:>9.4f} {rec['tflops']:>8.2f} {rec['tbps']:>7.3f} "
               f"{roof:>5} {mode}", flush=True)
@@ -121,38 +121,44 @@ class Report:
 
 
 def bench_attention(K, ops, rep, run, dev, dt, name, C, H, rows, pns):
+    """Per scale: the fused kernel (qkv in, pool write + attention, (N, l, C) out) against the torch reference
+    and the official path (normalise in the model dtype, SDPA with scale 1, transpose back)."""
     D = C // H
     Lmax = sum(p * p for p in pns)
-    kpool = torch.randn(rows, H, Lmax, D, device=dev, dtype=dt)  # the KV cache: views of a preallocated pool
-    vpool = torch.randn(rows, H, Lmax, D, device=dev, dtype=dt)
+    pool = torch.randn(2, rows, H, Lmax, D, device=dev, dtype=dt)  # one layer's view of the preallocated KV pool
     sm = torch.rand(H, device=dev) * 30 + 1
     try:
         from flash_attn import flash_attn_func
     except Exception:
         flash_attn_func = None
-    Lk = 0
+    start = 0
     for pn in pns:
         Lq = pn * pn
-        Lk += Lq
-        q = torch.randn(rows, H, Lq, D, device=dev, dtype=dt)
-        k, v = kpool[:, :, :Lk], vpool[:, :, :Lk]
-        out = torch.empty_like(q)
+        Lk = start + Lq
+        qkv = torch.randn(rows, Lq, 3 * C, device=dev, dtype=dt)
+        out = torch.empty(rows, Lq, C, device=dev, dtype=dt)
         flop = 4.0 * rows * H * Lq * Lk * D
-        nbytes = float(rows * H * (2 * Lq + 2 * Lk) * D * q.element_size())
-        t, m = run(lambda: K.var_attention(q, k, v, sm, out=out))
+        nbytes = float(rows * H * (3 * Lq + 2 * Lk + 2 * Lq) * D * qkv.element_size())  # qkv + pool read, k/v + o written
+        t, m = run(lambda: K.var_attention(qkv, pool, start, sm, out=out))
         rep("attention", name, pn, "triton", t, m, flop, nbytes, Lq=Lq, Lk=Lk)
-        t, m = run(lambda: ops.var_attention_ref(q, k, v, sm))
+        t, m = run(lambda: ops.var_attention_ref(qkv, pool, start, sm))
         rep("attention", name, pn, "torch_ref", t, m, flop, nbytes, Lq=Lq, Lk=Lk)
+        q, k, v = qkv.view(rows, Lq, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        kc, vc = pool[0, :, :, :Lk], pool[1, :, :, :Lk]
 
         def sdpa():  # the official code's path: normalise in the model dtype, then SDPA with scale 1
+            kc[:, :, start:] = F.normalize(k, dim=-1)
+            vc[:, :, start:] = v
             qn = F.normalize(q, dim=-1) * sm.to(dt).view(1, -1, 1, 1)
-            return F.scaled_dot_product_attention(qn, F.normalize(k, dim=-1), v, scale=1.0)
+            o = F.scaled_dot_product_attention(qn, kc, vc, scale=1.0)
+            return o.transpose(1, 2).reshape(rows, Lq, C)
         t, m = run(sdpa)
         rep("attention", name, pn, "torch_sdpa", t, m, flop, nbytes, Lq=Lq, Lk=Lk)
         if flash_attn_func is not None and dev.type == "cuda" and dt != torch.float32:
-            qf, kf, vf = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, L, H, D) views
+            qf, kf, vf = qkv.view(rows, Lq, 3, H, D)[:, :, 0], kc.transpose(1, 2), vc.transpose(1, 2)  # (B, L, H, D)
             t, m = run(lambda: flash_attn_func(qf, kf, vf, softmax_scale=1.0))
             rep("attention", name, pn, "flash_attn", t, m, flop, nbytes, Lq=Lq, Lk=Lk, note="no l2-norm")
+        start = Lk
 
 
 def bench_adaln(K, ops, rep, run, dev, dt, name, C, rows, pns):
@@ -235,7 +241,8 @@ def main():
     dt = torch.bfloat16 if cuda else torch.float32
     run = timer(dev, iters, graphs=cuda)
     bw, flops = ceilings(dev, run)
-    rep = Report(args.out, bw, flops, torch.cuda.get_device_name() if cuda else "cpu (interpreter)")
+    from timing import run_meta  # benchmarks/timing.py (this script's folder is on sys.path)
+    rep = Report(args.out, bw, flops, dict(run_meta(dev), bench="kernels", batch=batch))
     t0 = time.time()
     for name, m in models.items():
         if "attention" in args.kernels:

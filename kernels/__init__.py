@@ -9,5 +9,5 @@ Importing a kernel module without triton installed raises ImportError (var_rt.op
 reference). This package itself imports nothing heavy, so `import var_rt.kernels` always works.
 Kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before triton is imported).
 """
-MODULES = ("attention", "adaln", "resample", "sampling")
+MODULES = ("attention", "adaln", "resample", "sampling", "zipar_attention", "rmsnorm", "rope_kv", "swiglu")
 __all__ = list(MODULES)

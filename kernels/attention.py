@@ -1,8 +1,15 @@
-"""VAR attention (attn_l2_norm): q, k L2-normalised per head, q times scale_mul[h], softmax scale 1.
+"""VAR attention (attn_l2_norm) fused with its KV-pool write: one launch per layer per step.
 
-One program = one (batch, head) pair x BLOCK_M queries; it streams the keys in BLOCK_N tiles with an online
-softmax (fp32 running max / sum / accumulator). k and v are read through their strides, so a view of a bigger
-KV pool (pool[:, :, :Lk]) is used as it is, never copied. Spec: var_rt.ops.var_attention_ref.
+Input is the qkv GEMM's output (bias included), (N, l, 3, H, D) in the official packing (q | k | v, head-major
+inside each). One program = one (batch row, head) x BLOCK_M queries. q is L2-normalised in fp32, times
+scale_mul[h] and log2(e) (the softmax runs on exp2). Keys come in two ranges:
+  [0, start)          earlier scales, read from the pool, where they were stored already normalised;
+  [start, start + l)  this step's keys, read from qkv and normalised here (rounded to the pool's dtype, so they
+                      are bit-identical to what the pool holds); the programs with pid_m == 0 also store them
+                      (normalised k, raw v) into the pool at [start, start + l). No program of this launch reads
+                      those pool slots, so there is no race, and no separate copy kernel.
+Online softmax in fp32; the output is stored as (N, l, H * D), the layout the proj GEMM reads (no transpose copy).
+Spec: var_rt.ops.var_attention_ref.
 """
 from __future__ import annotations
 
@@ -13,16 +20,36 @@ import triton.language as tl
 from ._common import FLOAT_DTYPES, INT_DTYPES, check, check_device, check_out, check_tensor, interpreting, next_pow2
 
 _OP = "var_attention"
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _online_softmax_tile(q, kt, v, visible, m_i, l_i, acc, F32_DOT: tl.constexpr):
+    """One key tile: kt (D, BN) normalised keys, v (BN, D); returns the updated (m_i, l_i, acc)."""
+    if F32_DOT:  # fp32 inputs (exact "ieee" dot), or the interpreter emulating a bf16/fp16 dot (rounded operands)
+        s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+    else:
+        s = tl.dot(q, kt)
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if F32_DOT:
+        pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
 
 
 @triton.jit
 def _var_attn_kernel(
-    Q, K, V, O, SM, QS, KS,
-    sqn, sqh, sqm, sqd,
-    skn, skh, skm, skd,
-    svn, svh, svm, svd,
-    son, soh, som, sod,
-    s_sm, H, Lq, Lk,
+    QKV, KP, VP, O, SM, QS, KS,
+    sxn, sxl, sxw, sxh, sxd,          # qkv (N, l, 3, H, D)
+    skn, skh, skm, skd,               # k pool (N, H, Lmax, D)
+    svn, svh, svm, svd,               # v pool
+    son, sol, soh, sod,               # out (N, l, H, D)
+    s_sm, H, Lq, start,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_CAUSAL: tl.constexpr, F32_DOT: tl.constexpr,
 ):
@@ -34,122 +61,121 @@ def _var_attn_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     m_ok = offs_m < Lq
+    dt = KP.dtype.element_ty
 
-    # q: L2-normalise in fp32, fold scale_mul[h] and log2(e) in (the softmax then runs on exp2)
-    q = tl.load(Q + n * sqn + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=m_ok[:, None], other=0.0)
-    qf = q.to(tl.float32)
-    q_norm = tl.maximum(tl.sqrt(tl.sum(qf * qf, axis=1)), 1e-12)
+    x_base = QKV + n * sxn + h * sxh
+    q = tl.load(x_base + offs_m[:, None] * sxl + offs_d[None, :] * sxd, mask=m_ok[:, None], other=0.0).to(tl.float32)
+    q_norm = tl.maximum(tl.sqrt(tl.sum(q * q, axis=1)), 1e-12)
     sm = tl.load(SM + h * s_sm).to(tl.float32)
-    q = (qf * ((sm * 1.4426950408889634) / q_norm)[:, None]).to(Q.dtype.element_ty)
-    if F32_DOT:  # fp32 inputs (exact "ieee" dot), or the interpreter emulating a bf16/fp16 dot (rounded operands)
-        q = q.to(tl.float32)
+    q = (q * ((sm * 1.4426950408889634) / q_norm)[:, None]).to(dt)
     if BLOCK_CAUSAL:
         q_sc = tl.load(QS + offs_m, mask=m_ok, other=0)
 
-    k_base = K + n * skn + h * skh
-    v_base = V + n * svn + h * svh
+    kp_base = KP + n * skn + h * skh
+    vp_base = VP + n * svn + h * svh
     # finite start for the running max: a row whose keys are all masked ends with l = 0 -> NaN, as the reference
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    for start_n in range(0, Lk, BLOCK_N):
+    # earlier scales: normalised keys straight from the pool
+    for start_n in range(0, start, BLOCK_N):
         cols = start_n + offs_n
-        n_ok = cols < Lk
-        kt = tl.load(k_base + cols[None, :] * skm + offs_d[:, None] * skd, mask=n_ok[None, :], other=0.0)  # (D, BN)
-        kf = kt.to(tl.float32)
-        inv_k = 1.0 / tl.maximum(tl.sqrt(tl.sum(kf * kf, axis=0)), 1e-12)  # k's norm applied to s's columns
-        if F32_DOT:
-            s = tl.dot(q, kf, input_precision="ieee")
-        else:
-            s = tl.dot(q, kt)
-        s = s * inv_k[None, :]
+        n_ok = cols < start
+        kt = tl.load(kp_base + cols[None, :] * skm + offs_d[:, None] * skd, mask=n_ok[None, :], other=0.0)  # (D, BN)
+        v = tl.load(vp_base + cols[:, None] * svm + offs_d[None, :] * svd, mask=n_ok[:, None], other=0.0)  # (BN, D)
         visible = n_ok[None, :]
         if BLOCK_CAUSAL:
             k_sc = tl.load(KS + cols, mask=n_ok, other=0)
             visible = visible & (k_sc[None, :] <= q_sc[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + cols[:, None] * svm + offs_d[None, :] * svd, mask=n_ok[:, None], other=0.0)  # (BN, D)
-        if F32_DOT:
-            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_tile(q, kt, v, visible, m_i, l_i, acc, F32_DOT)
+    # this step's keys: normalised here, stored into the pool once (by the first query block)
+    k_src = QKV + n * sxn + sxw + h * sxh
+    v_src = QKV + n * sxn + 2 * sxw + h * sxh
+    for start_n in range(0, Lq, BLOCK_N):
+        cols = start_n + offs_n
+        n_ok = cols < Lq
+        kf = tl.load(k_src + cols[None, :] * sxl + offs_d[:, None] * sxd, mask=n_ok[None, :], other=0.0).to(tl.float32)
+        kt = (kf / tl.maximum(tl.sqrt(tl.sum(kf * kf, axis=0)), 1e-12)[None, :]).to(dt)  # (D, BN)
+        v = tl.load(v_src + cols[:, None] * sxl + offs_d[None, :] * sxd, mask=n_ok[:, None], other=0.0).to(dt)
+        if pid_m == 0:
+            pos = start + cols
+            tl.store(kp_base + pos[None, :] * skm + offs_d[:, None] * skd, kt, mask=n_ok[None, :])
+            tl.store(vp_base + pos[:, None] * svm + offs_d[None, :] * svd, v, mask=n_ok[:, None])
+        visible = n_ok[None, :]
+        if BLOCK_CAUSAL:
+            k_sc = tl.load(KS + start + cols, mask=n_ok, other=0)
+            visible = visible & (k_sc[None, :] <= q_sc[:, None])
+        m_i, l_i, acc = _online_softmax_tile(q, kt, v, visible, m_i, l_i, acc, F32_DOT)
     o = acc / l_i[:, None]
-    o_ptrs = O + n * son + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+    o_ptrs = O + n * son + offs_m[:, None] * sol + h * soh + offs_d[None, :] * sod
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=m_ok[:, None])
 
 
-def _check_args(q, k, v, scale_mul, q_scale, k_scale):
-    check_tensor(_OP, "q", q, ndim=4, dtypes=FLOAT_DTYPES)
-    dev = q.device
+def _check_args(qkv, kv, start, scale_mul, q_scale, k_scale):
+    check_tensor(_OP, "qkv", qkv, ndim=3, dtypes=FLOAT_DTYPES)
+    dev = qkv.device
     check_device(_OP, dev)
-    N, H, Lq, D = q.shape
-    check_tensor(_OP, "k", k, ndim=4, dtypes=(q.dtype,), device=dev)
-    check_tensor(_OP, "v", v, ndim=4, dtypes=(q.dtype,), device=dev)
-    Lk = k.shape[2]
-    check(tuple(k.shape) == (N, H, Lk, D), _OP, f"k has shape {tuple(k.shape)}, expected (N={N}, H={H}, Lk, D={D})")
-    check(tuple(v.shape) == tuple(k.shape), _OP, f"v has shape {tuple(v.shape)}, expected k's {tuple(k.shape)}")
-    check(Lk >= 1, _OP, "no keys (Lk = 0)")
+    check_tensor(_OP, "kv", kv, ndim=5, dtypes=(qkv.dtype,), device=dev)
+    two, N, H, Lmax, D = kv.shape
+    Nq, Lq, C3 = qkv.shape
+    check(two == 2, _OP, f"kv has shape {tuple(kv.shape)}, expected (2, N, H, Lmax, D)")
+    check(Nq == N and C3 == 3 * H * D, _OP, f"qkv has shape {tuple(qkv.shape)}, expected (N={N}, l, 3*H*D={3 * H * D})")
+    check(qkv.stride(2) == 1, _OP, "qkv's last dim must be contiguous (the GEMM output)")
     check(D in (16, 32, 64, 128), _OP, f"head dim D={D} not supported (a power of two in 16..128)")
+    check(isinstance(start, int) and 0 <= start and start + Lq <= Lmax, _OP,
+          f"start={start} with {Lq} queries does not fit the pool's {Lmax} slots")
     check_tensor(_OP, "scale_mul", scale_mul, dtypes=FLOAT_DTYPES, device=dev)
     check(scale_mul.numel() == H, _OP, f"scale_mul has {scale_mul.numel()} elements, expected one per head (H={H})")
     check((q_scale is None) == (k_scale is None), _OP, "give both q_scale and k_scale (block-causal) or neither")
     if q_scale is not None:
+        check(start == 0, _OP, "block-causal attention is a prefill: start must be 0")
         check_tensor(_OP, "q_scale", q_scale, dtypes=INT_DTYPES, device=dev)
         check_tensor(_OP, "k_scale", k_scale, dtypes=INT_DTYPES, device=dev)
-        check(q_scale.numel() == Lq, _OP, f"q_scale has {q_scale.numel()} elements, expected Lq={Lq}")
-        check(k_scale.numel() == Lk, _OP, f"k_scale has {k_scale.numel()} elements, expected Lk={Lk}")
-    return N, H, Lq, Lk, D
+        check(q_scale.numel() == Lq and k_scale.numel() == Lq, _OP,
+              f"q_scale / k_scale have {q_scale.numel()} / {k_scale.numel()} elements, expected l={Lq}")
+    return N, H, Lq, D
 
 
-def _flat(t):
-    """(n,) view with its stride; a non-1-D tensor of n elements is reshaped (copied only if it must be)."""
-    t = t.reshape(-1)
-    return t, t.stride(0)
+def _tiles(dtype, Lq: int, Lk: int, D: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for Lq queries over Lk keys."""
+    if interpreting():  # the interpreter runs programs one by one: few, large tiles are fastest there
+        return max(16, min(64, next_pow2(Lq))), max(16, min(128, next_pow2(Lk))), 4, 1
+    if dtype == torch.float32:  # exact fp32 dots run on FMA units: small tiles keep them in registers
+        return max(16, min(32, next_pow2(Lq))), max(16, min(32, next_pow2(Lk))), 4, 2
+    # bf16 / fp16 tensor cores; VAR's scales have Lq = pn^2 in 1..256 and Lk up to 680
+    big = D <= 64 and triton.cdiv(Lq, 128) * 128 <= triton.cdiv(Lq, 64) * 64  # 128 rows when no more padding
+    block_m = 128 if big else max(16, min(64, next_pow2(Lq)))
+    warps = 8 if block_m >= 128 or D >= 128 else 4
+    return block_m, max(16, min(64, next_pow2(Lk))), warps, 3 if D <= 64 else 2
 
 
-def var_attention(q, k, v, scale_mul, q_scale=None, k_scale=None, out=None):
-    """q (N, H, Lq, D); k, v (N, H, Lk, D), any strides; scale_mul (H,) = exp(min(scale_mul, ln 100)).
-    q_scale (Lq,) / k_scale (Lk,) int: query i sees key j iff k_scale[j] <= q_scale[i]. Returns (N, H, Lq, D)
-    in q's dtype (written into `out` when given)."""
-    N, H, Lq, Lk, D = _check_args(q, k, v, scale_mul, q_scale, k_scale)
+def var_attention(qkv, kv, start: int, scale_mul, q_scale=None, k_scale=None, out=None):
+    """qkv (N, l, 3*H*D) the qkv GEMM's output (bias added); kv (2, N, H, Lmax, D) this layer's pool view;
+    start: pool position of this step's first token; scale_mul (H,) = exp(min(scale_mul, ln 100)).
+    q_scale / k_scale (l,) int (prefill only, start = 0): query i sees key j iff k_scale[j] <= q_scale[i].
+    Writes normalised k and raw v into kv[:, :, :, start:start+l]; returns (N, l, H*D) in qkv's dtype."""
+    N, H, Lq, D = _check_args(qkv, kv, start, scale_mul, q_scale, k_scale)
     if out is None:
-        out = torch.empty((N, H, Lq, D), device=q.device, dtype=q.dtype)
+        out = torch.empty((N, Lq, H * D), device=qkv.device, dtype=qkv.dtype)
     else:
-        check_out(_OP, out, (N, H, Lq, D), q.dtype, q.device)
+        check_out(_OP, out, (N, Lq, H * D), qkv.dtype, qkv.device)
     if N * H * Lq == 0:
         return out
-    sm, s_sm = _flat(scale_mul)
+    x = qkv.view(N, Lq, 3, H, D)
+    o = out.view(N, Lq, H, D)
+    sm = scale_mul.reshape(-1)
     causal = q_scale is not None
     qs = q_scale.reshape(-1) if causal else sm  # dummies when not block-causal (never read)
     ks = k_scale.reshape(-1) if causal else sm
-    if interpreting():  # the interpreter runs programs one by one: few, large tiles are fastest there
-        block_m = max(16, min(64, next_pow2(Lq)))
-        block_n = max(16, min(128, next_pow2(Lk)))
-        warps, stages = 4, 1
-    elif q.dtype == torch.float32:  # exact fp32 dots run on FMA units: small tiles keep them in registers
-        block_m = max(16, min(32, next_pow2(Lq)))
-        block_n = max(16, min(32, next_pow2(Lk)))
-        warps, stages = 4, 2
-    else:  # bf16 / fp16 tensor cores; VAR's scales have Lq = pn^2 in 1..256 and Lk up to 680
-        big = D <= 64 and triton.cdiv(Lq, 128) * 128 <= triton.cdiv(Lq, 64) * 64  # 128 rows when no more padding
-        block_m = 128 if big else max(16, min(64, next_pow2(Lq)))
-        block_n = max(16, min(64, next_pow2(Lk)))
-        warps = 8 if block_m >= 128 or D >= 128 else 4
-        stages = 3 if D <= 64 else 2
+    block_m, block_n, warps, stages = _tiles(qkv.dtype, Lq, start + Lq, D)
     grid = (N * H, triton.cdiv(Lq, block_m))
     _var_attn_kernel[grid](
-        q, k, v, out, sm, qs, ks,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        s_sm, H, Lq, Lk,
+        x, kv[0], kv[1], o, sm, qs, ks,
+        *x.stride(), *kv[0].stride(), *kv[1].stride(), *o.stride(),
+        sm.stride(0), H, Lq, start,
         D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_CAUSAL=causal,
         # the interpreter (triton 3.9) computes bf16 dots wrongly: it gets fp32 dots of bf16-rounded operands
-        F32_DOT=q.dtype == torch.float32 or interpreting(),
+        F32_DOT=qkv.dtype == torch.float32 or interpreting(),
         num_warps=warps, num_stages=stages,
     )
     return out

@@ -1,6 +1,10 @@
 """Token sampling: top-k, top-p, temperature, categorical draw; no host sync, no sort.
 
-One program = BLOCK_R rows of logits (B, l, V), each row whole in registers (BLOCK_V = next power of two >= V).
+One program = BLOCK_R rows of logits (B, l, V), each row whole in registers (BLOCK_V = next power of two >= V),
+read in the logits' own dtype and strides. With guidance the input is the CFG batch (2B, l, V) and each row is
+mixed in fp32 as it is read, (1 + t) * cond - t * uncond (t one float or one per position), so no mixed or fp32
+copy of the logits is ever written; the kernel is compiled without FMA contraction so that the mix rounds as
+torch's three elementwise ops do.
 Thresholds are found by bisection on the float's order-preserving int32 key (exact in <= 33 steps):
   top-k: the largest key T with count(key >= T) >= k, i.e. the k-th largest logit; keep logits >= it (ties kept,
          as the reference's `logits < kth -> -inf`).
@@ -8,7 +12,9 @@ Thresholds are found by bisection on the float's order-preserving int32 key (exa
          ascending-sorted tokens whose cumulative probability is <= 1 - top_p" (the largest always stays); it
          differs only among tied logits at the cut (kept or dropped together here) and by float summation order.
 Draw: argmax(p / E) with p = softmax(filtered / temperature) (unnormalised: same argmax) and E ~ Exp(1) from
-Philox keyed by seeds[b], counter (vocab index, row in l, step): a row's draw does not depend on the batch.
+Philox keyed by seeds[b], counter (vocab index, row i in l, step): a row's draw does not depend on the batch.
+With a per-position step tensor the counter is (vocab index, 0, steps[i]): position i draws exactly what a
+one-position call with step = steps[i] draws (LlamaGen: one launch per pass, streams keyed by raster index).
 Spec: var_rt.ops.sample_tokens_ref (its torch.Generator stream is not reproduced; the distribution is).
 """
 from __future__ import annotations
@@ -29,21 +35,44 @@ def _key(x):
     return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
 
 
+@triton.jit
+def _row_logits(LOGITS, b_off, u_off, cols, ok, s_lv, g_a, g_t, GUIDE: tl.constexpr):
+    """fp32 logits of the rows at b_off (conditional) [and u_off (unconditional)] for the columns `cols`:
+    (1 + t) * cond - t * uncond with g_a = 1 + t, g_t = t, when GUIDE; masked lanes are -inf."""
+    x = tl.load(LOGITS + b_off[:, None] + cols[None, :] * s_lv, mask=ok, other=0.0).to(tl.float32)
+    if GUIDE:
+        u = tl.load(LOGITS + u_off[:, None] + cols[None, :] * s_lv, mask=ok, other=0.0).to(tl.float32)
+        x = g_a[:, None] * x - g_t[:, None] * u  # two roundings then a subtraction: torch's order exactly
+    return tl.where(ok, x, float("-inf"))
+
+
 @triton.jit(do_not_specialize=["step", "top_k"])  # no recompiles as the step number changes
 def _sample_kernel(
-    LOGITS, SEEDS, OUT,
-    R, l, V, s_lb, s_ll, s_lv, s_seed, s_ob, s_ol,
-    step, top_k, one_minus_p, inv_temp,
+    LOGITS, SEEDS, OUT, STEPS, GUIDES,
+    R, l, B, V, s_lb, s_ll, s_lv, s_seed, s_ob, s_ol, s_step, s_g,
+    step, top_k, one_minus_p, inv_temp, g_a, g_t,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, CHUNK: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr,
+    GUIDE: tl.constexpr, STEP_T: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,) flattened (b, row in l)
+    """GUIDE: 0 none, 1 one t for all (g_a = 1 + t, g_t = t), 2 per-position t read from GUIDES (l,).
+    STEP_T: the Philox counter is (v, 0, STEPS[i]) instead of (v, i, step)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,) flattened (b, row in l), b < B
     r_ok = rows < R
     b = rows // l
     i = rows % l
+    b_off = b.to(tl.int64) * s_lb + i.to(tl.int64) * s_ll
+    u_off = (b + B).to(tl.int64) * s_lb + i.to(tl.int64) * s_ll  # unconditional row b + B (read when GUIDE)
+    ga = tl.full([BLOCK_R], 1.0, dtype=tl.float32)
+    gt = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if GUIDE == 1:
+        ga = ga * g_a
+        gt = gt + g_t
+    if GUIDE == 2:
+        gt = tl.load(GUIDES + i * s_g, mask=r_ok, other=0.0).to(tl.float32)
+        ga = 1.0 + gt
     cols = tl.arange(0, BLOCK_V)
     ok = r_ok[:, None] & (cols < V)[None, :]
-    row_ptr = LOGITS + b.to(tl.int64) * s_lb + i.to(tl.int64) * s_ll
-    x = tl.load(row_ptr[:, None] + cols[None, :] * s_lv, mask=ok, other=float("-inf")).to(tl.float32)
+    x = _row_logits(LOGITS, b_off, u_off, cols, ok, s_lv, ga, gt, GUIDE)
     x = tl.where(r_ok[:, None] | (cols >= V)[None, :], x, 0.0)  # rows past the end: zeros, never stored
 
     if TOP_K:
@@ -75,18 +104,23 @@ def _sample_kernel(
             lo = tl.where(good, lo, mid)
         t_keep = tl.maximum(t_keep, hi.to(tl.int32))
 
-    # draw, CHUNK tokens at a time (re-read from L1/L2): Philox's state for a whole 16k row would spill
+    # draw, CHUNK tokens at a time (re-read from L1/L2 and re-mixed by the same code, so the same bits):
+    # Philox's state for a whole 16k row would spill
     seed = tl.load(SEEDS + b * s_seed, mask=r_ok, other=0).to(tl.int64)
     zero = tl.zeros([BLOCK_R, CHUNK], dtype=tl.int32)
     seed2 = seed[:, None] + zero.to(tl.int64)
-    row2 = i[:, None] + zero
-    step2 = zero + step
+    if STEP_T:  # per-position streams: counter (v, 0, steps[i]), as a one-position call with step = steps[i]
+        row2 = zero
+        step2 = tl.load(STEPS + i * s_step, mask=r_ok, other=0).to(tl.int32)[:, None] + zero
+    else:
+        row2 = i[:, None] + zero
+        step2 = zero + step
     best = tl.full([BLOCK_R], -2.0, dtype=tl.float32)
     best_i = tl.zeros([BLOCK_R], dtype=tl.int32)
     for c0 in range(0, BLOCK_V, CHUNK):
         cc = c0 + tl.arange(0, CHUNK)
         okc = r_ok[:, None] & (cc < V)[None, :]
-        xc = tl.load(row_ptr[:, None] + cc[None, :] * s_lv, mask=okc, other=float("-inf")).to(tl.float32)
+        xc = _row_logits(LOGITS, b_off, u_off, cc, okc, s_lv, ga, gt, GUIDE)
         xc = tl.where(r_ok[:, None] | (cc >= V)[None, :], xc, 0.0)
         keep = okc & (_key(xc) >= t_keep[:, None])
         p = tl.exp((xc - m[:, None]) * inv_temp)  # softmax numerator; the kept maximum has p = 1
@@ -101,20 +135,42 @@ def _sample_kernel(
     tl.store(OUT + b.to(tl.int64) * s_ob + i * s_ol, best_i.to(tl.int64), mask=r_ok)
 
 
-def sample_tokens(logits, seeds, step, top_k=0, top_p=0.0, temperature=1.0, out=None):
-    """logits (B, l, V) (fp32 after CFG; bf16/fp16 read as fp32); seeds (B,) int per-request seeds; step int
-    selects the noise stream. Order as CoDe: top-k, top-p, then / temperature, softmax, draw. Returns (B, l) int64
-    (written into `out` when given)."""
+def sample_tokens(logits, seeds, step, top_k=0, top_p=0.0, temperature=1.0, guidance=None, out=None):
+    """logits (B, l, V), or (2B, l, V) with `guidance` (conditional rows 0..B-1, unconditional B..2B-1), in
+    fp32 / bf16 / fp16 with any strides, read in their own dtype (math in fp32). guidance: None, a float t, or
+    an (l,) float tensor of per-position t: the kernel mixes (1 + t) * cond - t * uncond first. seeds (B,) int
+    per-request seeds. step: an int (position i draws from Philox counter (v, i, step)) or an (l,) int tensor of
+    per-position streams (position i: counter (v, 0, steps[i]), the same draw as a one-position call with
+    step = steps[i]). Order as CoDe: top-k, top-p, then / temperature, softmax, draw. Returns (B, l) int64
+    (written into `out` when given). No host sync: safe inside CUDA graphs."""
     check_tensor(_OP, "logits", logits, ndim=3, dtypes=FLOAT_DTYPES)
     dev = logits.device
     check_device(_OP, dev)
-    B, l, V = logits.shape
+    N, l, V = logits.shape
+    guide = 0 if guidance is None else 2 if isinstance(guidance, torch.Tensor) else 1
+    if guide:
+        check(N % 2 == 0, _OP, f"with guidance logits hold 2B rows (conditional first), got {N}")
+    B = N // 2 if guide else N
     check_tensor(_OP, "seeds", seeds, dtypes=INT_DTYPES, device=dev)
     check(seeds.numel() == B, _OP, f"seeds has {seeds.numel()} elements, expected one per request (B={B})")
     check(V >= 1, _OP, "empty vocabulary")
     check(V <= 65536, _OP, f"V={V}: rows are held whole in registers, at most 65536 tokens")
+    steps = None
+    if isinstance(step, torch.Tensor):
+        check_tensor(_OP, "step", step, dtypes=INT_DTYPES, device=dev)
+        check(step.numel() == l, _OP, f"step tensor has {step.numel()} elements, expected one per position (l={l})")
+        steps, step = step.reshape(-1), 0  # values are not checked: that would sync with the device
     step = int(step)
     check(0 <= step < 2 ** 31, _OP, f"step must be in [0, 2^31), got {step}")
+    g_a, g_t, guides = 1.0, 0.0, None
+    if guide == 1:
+        g_t = float(guidance)
+        g_a = 1.0 + g_t  # rounded to fp32 once, as torch rounds a Python scalar
+    elif guide == 2:
+        check_tensor(_OP, "guidance", guidance, dtypes=(torch.float32,), device=dev)
+        check(guidance.numel() == l, _OP,
+              f"guidance has {guidance.numel()} elements, expected one per position (l={l})")
+        guides = guidance.reshape(-1)
     top_k, top_p, temperature = int(top_k), float(top_p), float(temperature)
     check(top_k >= 0, _OP, f"top_k must be >= 0 (0 = off), got {top_k}")
     check(temperature > 0.0, _OP, f"temperature must be > 0, got {temperature}")
@@ -137,11 +193,13 @@ def sample_tokens(logits, seeds, step, top_k=0, top_p=0.0, temperature=1.0, out=
     use_k = 0 < top_k < V
     use_p = 0.0 < top_p < 1.0
     _sample_kernel[(triton.cdiv(R, block_r),)](
-        logits, seeds_flat, out,
-        R, l, V, logits.stride(0), logits.stride(1), logits.stride(2), seeds_flat.stride(0),
-        out.stride(0), out.stride(1),
-        step, top_k if use_k else 1, 1.0 - top_p if use_p else 0.0, 1.0 / temperature,
+        logits, seeds_flat, out, steps if steps is not None else seeds_flat, guides if guides is not None else logits,
+        R, l, B, V, logits.stride(0), logits.stride(1), logits.stride(2), seeds_flat.stride(0),
+        out.stride(0), out.stride(1), steps.stride(0) if steps is not None else 0,
+        guides.stride(0) if guides is not None else 0,
+        step, top_k if use_k else 1, 1.0 - top_p if use_p else 0.0, 1.0 / temperature, g_a, g_t,
         BLOCK_R=block_r, BLOCK_V=block_v, CHUNK=chunk,
-        TOP_K=use_k, TOP_P=use_p, num_warps=warps,
+        TOP_K=use_k, TOP_P=use_p, GUIDE=guide, STEP_T=steps is not None, num_warps=warps,
+        enable_fp_fusion=False,  # the CFG mix and the re-read chunks round exactly as torch's unfused ops
     )
     return out

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from var_rt import checkpoint
-from var_rt.pipeline import VARPipeline, load_var, load_vqvae
+from var_rt.loaders import load_var, load_vqvae
+from var_rt.pipeline import VARPipeline
 
 from conftest import official_vae_state_dict, official_var_state_dict, tiny_vae, tiny_var
 

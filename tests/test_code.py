@@ -35,12 +35,12 @@ def test_prefill_logits_equal_incremental_logits(N):
     kv_inc = [torch.zeros(model.kv_shape(2 * B)) for _ in range(cfg.depth)]
     for s in range(N + 1):
         h = model.forward_tokens(model.scale_input(s, state, rows[s]), state, kv_inc, bounds[s][0])
-    inc = model.logits(h, state)
+    inc = model.logits(h)
     kv_pre = [torch.zeros(model.kv_shape(2 * B)) for _ in range(cfg.depth)]
     x = torch.cat([model.scale_input(s, state, rows[s]) for s in range(N + 1)], 1)
     ids = torch.cat([torch.full((p * p,), s, dtype=torch.int32) for s, p in enumerate(cfg.patch_nums[:N + 1])])
     h = model.forward_tokens(x, state, kv_pre, 0, ids, ids)
-    pre = model.logits(h[:, bounds[N][0]:bounds[N][1]], state)
+    pre = model.logits(h[:, bounds[N][0]:bounds[N][1]])
     assert (pre - inc).abs().max() <= 1e-4
     end = bounds[N][1]
     for a, b in zip(kv_inc, kv_pre):  # and the prefill leaves the same KV cache behind
@@ -96,7 +96,6 @@ def test_code_eval_preset_and_files(tmp_path):
     torch.save(official_vae_state_dict(vae), tmp_path / "vae.pth")
     pipe = VARPipeline.from_checkpoints(drafter=tmp_path / "drafter_2.pth", refiner=tmp_path / "refiner_2.pth",
                                         vae=tmp_path / "vae.pth", draft_steps=2, dtype="fp32")
-    im = pipe([0, 1], preset="code-eval", seed=0) if len(pipe.cfg.patch_nums) == 10 else None
     with pytest.raises(ValueError, match="one per scale"):  # code-eval has 10 temperatures; this pyramid has 4
         pipe([0, 1], preset="code-eval")
     im = pipe([0, 1], cfg=1.5, top_k=600, top_p=0.96, temperature=[1.1, 1.1, 1.0, 1.0], seed=0)

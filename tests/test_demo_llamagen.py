@@ -1,15 +1,18 @@
-"""The shipped demo LlamaGen-style models (var_rt.demo.train_llamagen, weights/llamagen_*.safetensors): they load
-through the official-checkpoint path, the training forward is the runtime's function, and sequential / ZipAR
-sample quality stays at the baseline measured when they were trained (demo classifier, fixed seeds)."""
+"""The shipped demo LlamaGen-style models (examples/shapes10/train_llamagen.py, weights/llamagen_*.safetensors):
+they load through the official-checkpoint path, the training forward is the runtime's function, and sequential /
+ZipAR sample quality stays at the baseline measured when they were trained (demo classifier, fixed seeds)."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402  (torch does not import triton: asking for a GPU here is safe)
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")  # no GPU: interpreter
 
 import pytest
 import torch
 
-from var_rt.demo import train_llamagen as tl
+from example_scripts import load_example
 from var_rt.models import llamagen
+
+tl = load_example("shapes10/train_llamagen")  # examples/shapes10/train_llamagen.py
 
 N_PER_CLASS = 20      # 200 images per schedule, labels 0..9 repeated, image i seeded by (seed 0, i)
 CHECKERBOARD = 5

@@ -46,8 +46,9 @@ def _type(v, torch):
     return "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
 
 
-def _compile(triton, torch, jf, args, consts, cc, warps=4, stages=3):
-    """Ahead-of-time compile as a launch with these argument values would (1-valued ints specialised)."""
+def _compile(triton, torch, jf, args, consts, cc, warps=4, stages=3, **opts):
+    """Ahead-of-time compile as a launch with these argument values would (1-valued ints specialised); opts: more
+    launch options (enable_fp_fusion=False, ...)."""
     from triton.backends.compiler import GPUTarget
     target = GPUTarget("cuda", cc, 32)
     names = jf.arg_names
@@ -68,7 +69,7 @@ def _compile(triton, torch, jf, args, consts, cc, warps=4, stages=3):
                 if isinstance(args[n], torch.Tensor) or (isinstance(args[n], int) and args[n] % 16 == 0):
                     attrs[(i,)] = [["tt.divisibility", 16]]
         src = triton.compiler.ASTSource(jf, sig, const, attrs)
-    return triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
+    return triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages, **opts))
 
 
 def main(full: bool) -> int:
@@ -96,11 +97,12 @@ def main(full: bool) -> int:
                 if dt == torch.float32:
                     bm, bn, w, st = min(bm, 32), min(bn, 32), 4, 2
                 for causal in ((False, True) if full else (cc == 90,)):
-                    # q a slice of packed qkv, k a prefix view of a KV pool, v (N, L, H, D) transposed
-                    args = dict(Q=t(dt), K=t(dt), V=t(dt), O=t(dt), SM=t(torch.float32), QS=t(torch.int64),
-                                KS=t(torch.int32), sqn=4, sqh=64, sqm=3 * 30 * 64, sqd=1, skn=7, skh=680 * 64, skm=64,
-                                skd=1, svn=7, svh=64, svm=30 * 64, svd=1, son=4, soh=64, som=30 * 64, sod=1,
-                                s_sm=1, H=30, Lq=169, Lk=511)
+                    # qkv (N, l, 3, H, D) packed GEMM output; k and v pools (N, H, Lmax, D); out (N, l, H, D)
+                    args = dict(QKV=t(dt), KP=t(dt), VP=t(dt), O=t(dt), SM=t(torch.float32), QS=t(torch.int64),
+                                KS=t(torch.int32), sxn=169 * 3 * 30 * 64, sxl=3 * 30 * 64, sxw=30 * 64, sxh=64, sxd=1,
+                                skn=30 * 680 * 64, skh=680 * 64, skm=64, skd=1, svn=30 * 680 * 64, svh=680 * 64,
+                                svm=64, svd=1, son=169 * 30 * 64, sol=30 * 64, soh=64, sod=1,
+                                s_sm=1, H=30, Lq=169, start=0 if causal else 342)
                     _compile(triton, torch, attention._var_attn_kernel, args,
                              dict(D=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_CAUSAL=causal, F32_DOT=dt == torch.float32),
                              cc, w, st)
@@ -117,23 +119,46 @@ def main(full: bool) -> int:
                         shn=6 * 1920, shc=1, son=169 * 1920, sol=1920, soc=1, shon=169 * 1920, shol=1920, shoc=1,
                         eps=1e-6)
             _compile(triton, torch, adaln._residual_adaln_kernel, args, dict(BLOCK_R=2, BLOCK_C=2048), cc, 4)
-            args = dict(X=t(dt), W=t(dt), B=t(dt), Y=t(dt), G=32, CPG=5, HW=65536, eps=1e-6)
-            _compile(triton, torch, groupnorm._gn_kernel, args, dict(SILU=True, BLOCK=2048), cc, 8)
-            n += 2
+            # GroupNorm+SiLU at the VQVAE decoder's top level (b64, C 160, 256^2): NCHW, and the channels_last
+            # stats / finalize / apply kernels, residual add fused
+            f32, HW = torch.float32, 65536
+            args = dict(X=t(dt), R=t(dt), S=t(dt), W=t(dt), B=t(dt), Y=t(dt), G=32, CPG=5, HW=HW, eps=1e-6)
+            _compile(triton, torch, groupnorm._gn_nchw_kernel, args, dict(SILU=True, HAS_RES=True, BLOCK=2048), cc, 8)
+            bc, ncc, bhw, rows, ns = groupnorm.nhwc_geometry(64, 160, HW, t(dt).element_size())
+            geo = dict(HW=HW, C=160, CPG=5, ROWS=rows, NS=ns, NCC=ncc)
+            _compile(triton, torch, groupnorm._nhwc_stats, dict(X=t(dt), R=t(dt), S=t(dt), P=t(f32), **geo),
+                     dict(HAS_RES=True, BLOCK_HW=bhw, BLOCK_C=bc), cc, 8)
+            bs, bg, bj = groupnorm.finalize_geometry(32, 5, ns)
+            args = dict(P=t(f32), SRC=t(dt), MEAN=t(f32), RSTD=t(f32), G=32, HW=HW, C=160, CPG=5, NS=ns, eps=1e-6)
+            _compile(triton, torch, groupnorm._gn_finalize, args, dict(BLOCK_S=bs, BLOCK_G=bg, BLOCK_J=bj), cc, 4)
+            args = dict(SRC=t(dt), MEAN=t(f32), RSTD=t(f32), W=t(dt), B=t(dt), Y=t(dt), G=32, **geo)
+            _compile(triton, torch, groupnorm._nhwc_apply, args, dict(SILU=True, BLOCK_HW=bhw, BLOCK_C=bc), cc, 8)
+            n += 5
             rs = dict(X=t(dt), Y=t(dt), total=64 * 32 * 256, C=32, H=13, W=13, OH=16, OW=16, sxb=32 * 169,
                       sxc=169, sxh=13, sxw=1, syb=8192, syc=256, syh=16, syw=1)
             _compile(triton, torch, resample._bicubic_kernel, dict(rs, scale_h=13 / 16, scale_w=13 / 16),
                      dict(BLOCK=256), cc)
             _compile(triton, torch, resample._area_kernel, rs, dict(KH=3, KW=3, BLOCK=256), cc)
             n += 2
-        cfgs = ((1, 4096, 1024, 4, True, True), (1, 16384, 4096, 16, True, True), (64, 32, 32, 4, True, True),
-                (1, 4096, 1024, 4, False, False), (4, 512, 256, 4, False, True))
-        for br, bv, ch, w, tk, tp in (cfgs if full else cfgs[:2]):
-            args = dict(LOGITS=t(torch.float32), SEEDS=t(torch.int64), OUT=t(torch.int64), R=64 * 169, l=169,
-                        V=4096, s_lb=169 * 4096, s_ll=4096, s_lv=1, s_seed=1, s_ob=169, s_ol=1, step=3, top_k=900,
-                        one_minus_p=0.04, inv_temp=1.0)
-            _compile(triton, torch, sampling._sample_kernel, args,
-                     dict(BLOCK_R=br, BLOCK_V=bv, CHUNK=ch, TOP_K=tk, TOP_P=tp), cc, w, 1)
+        # sampler (launched with enable_fp_fusion=False): VAR's bf16 (2B, l, V) head logits with one guidance t;
+        # LlamaGen's 16k vocab with per-query steps and guidance tensors; fp32 logits without guidance
+        cfgs = ((1, 4096, 1024, 4, True, True, torch.bfloat16, 1, False),
+                (1, 16384, 4096, 16, True, False, torch.bfloat16, 2, True),
+                (1, 4096, 1024, 4, True, True, torch.float32, 0, False),
+                (1, 16384, 4096, 16, True, True, torch.float32, 0, False),
+                (1, 16384, 4096, 16, True, True, torch.bfloat16, 1, False),
+                (64, 32, 32, 4, True, True, torch.float16, 2, True),
+                (1, 4096, 1024, 4, False, False, torch.float32, 1, True),
+                (4, 512, 256, 4, False, True, torch.bfloat16, 0, False))
+        for br, bv, ch, w, tk, tp, ldt, guide, step_t in (cfgs if full else cfgs[:3]):
+            args = dict(LOGITS=t(ldt), SEEDS=t(torch.int64), OUT=t(torch.int64), STEPS=t(torch.int64),
+                        GUIDES=t(torch.float32), R=64 * 169, l=169, B=64, V=bv - 3, s_lb=169 * bv, s_ll=bv, s_lv=1,
+                        s_seed=1, s_ob=169, s_ol=1, s_step=1, s_g=1, step=3, top_k=900, one_minus_p=0.04,
+                        inv_temp=1.0, g_a=2.5, g_t=1.5)
+            k = _compile(triton, torch, sampling._sample_kernel, args,
+                         dict(BLOCK_R=br, BLOCK_V=bv, CHUNK=ch, TOP_K=tk, TOP_P=tp, GUIDE=guide, STEP_T=step_t),
+                         cc, w, 1, enable_fp_fusion=False)
+            assert "fma.rn.f32" not in k.asm["ptx"] or not guide, "the CFG mix must not be contracted to an FMA"
             n += 1
         if not full:
             break  # the quick run: sm_90 only

@@ -7,9 +7,10 @@ t - 1 > cfg_interval; the first token always uses it), then logits / max(tempera
 (HF top_k_top_p_filtering), softmax, draw. The draw is the exponential-noise argmax with noise
 ops.exponential_noise(seeds, t, ...) where t is the raster index of the drawn token, so any schedule (sequential,
 ZipAR with any window) draws the same noise for the same token; w = tokens per row reproduces sequential decoding.
-On the fast backend with top_p = 1 the draw is ops.sample_tokens (Triton: Philox noise keyed by the same seed and
-raster index): the same distribution and the same sequential == ZipAR(w = row) identity, other bits than the
-torch generator stream.
+On the fast backend with top_p = 1 the draw is ops.sample_tokens, one launch per pass (Triton: CFG mixed in-kernel
+as (1 + t) cond - t uncond with t = cfg - 1, or 0 past cfg_interval; Philox noise keyed by the same seed and each
+query's raster index): the same distribution and the same sequential == ZipAR(w = row) identity, other bits than
+the torch generator stream.
 The official ZipAR code counts cfg_interval in tokens drawn since its first row; we count by raster index so
 sequential and ZipAR agree.
 """
@@ -85,12 +86,13 @@ def build_plan(passes, prefix: int, tpr: int, device) -> list:
 
 class LlamaGenPipeline:
     def __init__(self, gpt: gpt_model.LlamaGenGPT, vq: vq16.VQ16, device="cpu", backend=None):
-        self.gpt, self.vq = gpt, vq
+        self.gpt, self.vq = gpt.fuse_weights_(), vq   # w1 | w3 as one GEMM on the fast path
         self.device = torch.device(device)
         self.backend = backend
         if gpt.cfg.vocab_size != vq.cfg.codebook_size:
             raise ValueError(f"GPT vocab {gpt.cfg.vocab_size} != VQ codebook size {vq.cfg.codebook_size}")
         self._plans, self._pools = {}, {}
+        self._guides: dict = {}  # (window, cfg, cfg_interval) -> the fast sampler's per-pass guidance tensors
         self.use_graphs = self.device.type == "cuda"  # whole-generation CUDA graphs (fast sampler only)
         self._graphs = None
         self.last_tokens, self.last_forward_passes = None, None
@@ -169,6 +171,18 @@ class LlamaGenPipeline:
             self._plans[zipar_window] = build_plan(passes, P, h, self.device)
         return self._plans[zipar_window]
 
+    def guidance(self, zipar_window, cfg: float, cfg_interval: int) -> list:
+        """Per pass of plan(zipar_window): the fast sampler's per-query guidance t, (S,) fp32 on the device:
+        cfg - 1 where CFG applies, 0 once cfg_interval turns it off ((1 + 0) cond - 0 uncond = cond). A tensor
+        even when all are on, so a token's mix does not depend on its pass (sequential == ZipAR(w = row) stays
+        exact). Cached here: captured CUDA graphs read them at every replay, so they outlive the call."""
+        key = (zipar_window, float(cfg), int(cfg_interval))
+        if key not in self._guides:
+            self._guides[key] = [
+                torch.tensor([0.0 if cfg_interval > -1 and t - 1 > cfg_interval else cfg - 1.0 for t in p.steps],
+                             dtype=torch.float32, device=self.device) for p in self.plan(zipar_window)]
+        return self._guides[key]
+
     def kv_layers(self, batch: int) -> list:
         """Per-layer views (2, N, Hkv, L, D) of one preallocated arena per batch. Captured graphs point into
         their arena, so with graphs every batch keeps its own; without, only the latest is kept."""
@@ -225,34 +239,38 @@ class LlamaGenPipeline:
         kv = self.kv_layers(N)
         backend = self.backend or ops.default_backend(self.device)
         # Fast path without top-p: ops.sample_tokens (Triton on CUDA: Philox noise keyed by (seed, raster index),
-        # no host sync). Its CoDe filter order equals the official one when top-p is off (top-k commutes with the
-        # temperature). With top-p < 1, or on the reference backend, the official-order torch sampler.
+        # no host sync), ONE launch per pass for all its queries: the CFG mix and cfg_interval happen in-kernel as
+        # a per-query guidance t = cfg - 1 (0 once CFG is off: (1 + t) cond - t uncond = cond), each query's noise
+        # stream is its raster index (p.targets). Its CoDe filter order equals the official one when top-p is off
+        # (top-k commutes with the temperature). With top-p < 1, or on the reference backend, the official-order
+        # torch sampler after the torch CFG mix.
         fast_draw = backend != "torch" and top_p >= 1.0
-        # per pass: which drawn tokens still get CFG (cfg_interval), as device masks built before any capture
+        # per pass: which drawn tokens still get CFG (cfg_interval): masks for the torch path; per-query guidance
+        # tensors for the fast one (built before any capture, kept by the pipeline for the graphs' replays)
         cfg_on = []
         for p in plan:
             on = [not (cfg_interval > -1 and t - 1 > cfg_interval) for t in p.steps]
             cfg_on.append(None if all(on) else torch.tensor(on, device=self.device).view(1, -1, 1))
+        guides = self.guidance(zipar_window, cfg, cfg_interval) if use_cfg and fast_draw else [None] * len(plan)
 
         def decode(labels, seeds_in, bar=None):  # (B,) labels and seeds on the device -> (B, h*w) tokens
             cls_ids = torch.cat([labels, torch.full_like(labels, c.num_classes)]) if use_cfg else labels
             tokens = torch.zeros(B, c.grid * c.grid, dtype=torch.int64, device=self.device)
-            for p, on in zip(plan, cfg_on):
+            for p, on, guide in zip(plan, cfg_on, guides):
                 if p.prefill:
                     h = self.gpt.embed_classes(cls_ids)                                  # (N, 1, C)
                 else:
                     x = tokens[:, p.inputs]                                              # (B, Q)
                     h = self.gpt.embed_tokens(torch.cat([x, x]) if use_cfg else x)       # (N, Q, C)
                 logits = self.gpt.step(h, p.slots, kv, p.vis, backend)[:, p.sample_q]  # (N, S, V)
-                if use_cfg:
-                    cond, uncond = logits[:B], logits[B:]
-                    mixed = uncond + (cond - uncond) * cfg
-                    logits = mixed if on is None else torch.where(on, mixed, cond)
-                if fast_draw:  # one query at a time: the noise stream is the token's raster index
-                    drawn = torch.stack([ops.sample_tokens(logits[:, i:i + 1], seeds_in, t, top_k, 0.0,
-                                                           max(temperature, 1e-5), backend=backend)[:, 0]
-                                         for i, t in enumerate(p.steps)], dim=1)
+                if fast_draw:  # (N, S, V) logits in, (B, S) tokens out: one launch, CFG mixed in-kernel
+                    drawn = ops.sample_tokens(logits, seeds_in, p.targets, top_k, 0.0, max(temperature, 1e-5),
+                                              guidance=guide, backend=backend)
                 else:
+                    if use_cfg:
+                        cond, uncond = logits[:B], logits[B:]
+                        mixed = uncond + (cond - uncond) * cfg
+                        logits = mixed if on is None else torch.where(on, mixed, cond)
                     drawn = draw_tokens(logits, seeds, p.steps, top_k, top_p, temperature)
                 tokens[:, p.targets] = drawn
                 if bar is not None:
@@ -265,7 +283,7 @@ class LlamaGenPipeline:
             if self._graphs is None:
                 self._graphs = GraphCache(self.device)
             key = (B, zipar_window, cfg, cfg_interval, top_k, temperature, backend)
-            tokens = self._graphs.run(key, lambda lab, sd: (decode(lab, sd),), labels, seeds_dev)[0]
+            tokens = self._graphs.run(key, lambda lab, sd: (decode(lab, sd),), labels, seeds_dev, backend=backend)[0]
         else:
             bar = None
             if progress:

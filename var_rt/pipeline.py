@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from var_rt import checkpoint, ops
+from var_rt import ops
+from var_rt.loaders import load_var, load_vqvae
 from var_rt.models import var as var_model
 from var_rt.models import vqvae as vqvae_model
 from var_rt.runtime.engine import PRESETS, SamplingParams, run_var
@@ -39,25 +40,6 @@ def check_class_labels(class_labels, num_classes: int) -> torch.Tensor:
     if bad:
         raise ValueError(f"class ids {bad} outside [0, {num_classes})")
     return labels.long()
-
-
-def load_var(path, device="cpu", dtype=torch.float32, what="VAR checkpoint") -> var_model.VAR:
-    sd = checkpoint.read_state_dict(path)
-    if "quantize.embedding.weight" in sd or "tok_embeddings.weight" in sd:
-        raise checkpoint.CheckpointError(f"{path}: this is not a VAR transformer checkpoint "
-                                         f"({'a VQVAE' if 'quantize.embedding.weight' in sd else 'a LlamaGen GPT'})")
-    return checkpoint.load_checkpoint(path, var_model.config_from_state_dict, var_model.VAR, what=what, sd=sd,
-                                      dtype=dtype, device=device, ignored=var_model.IGNORED_KEYS)
-
-
-def load_vqvae(path, device="cpu", dtype=torch.float32) -> vqvae_model.VQVAE:
-    sd = checkpoint.read_state_dict(path)
-    if "quantize.embedding.weight" not in sd:
-        raise checkpoint.CheckpointError(f"{path}: this is not a VAR VQVAE checkpoint (no quantize.embedding.weight; "
-                                         f"first keys: {list(sd)[:5]})")
-    return checkpoint.load_checkpoint(path, vqvae_model.config_from_state_dict, vqvae_model.VQVAE,
-                                      what="VQVAE checkpoint", sd=sd, dtype=dtype, device=device,
-                                      ignored=vqvae_model.IGNORED_KEYS, keep_fp32=vqvae_model.KEEP_FP32)
 
 
 class VARPipeline:
@@ -211,7 +193,7 @@ class VARPipeline:
                     self._graphs = GraphCache(self.device)
                 key = (B, repr(params), ops.default_backend(self.device))
                 run = lambda lab, sd: run_var(self.models, self.vae, self.schedule, lab, sd, params, pool)  # noqa: E731
-                f_hat, tokens = self._graphs.run(key, run, labels, seeds)
+                f_hat, tokens = self._graphs.run(key, run, labels, seeds, backend=key[2])  # eager if torch
             else:
                 bar = None
                 if progress:

@@ -6,7 +6,8 @@
 `evaluate(name, images01, labels)`: both against real held-out SHAPES-10 images, as `var-rt eval-demo` prints.
 All images are (N, 3, 32, 32) floats in [0, 1].
 
-Retrain: `python -m var_rt.demo.classifier --out var_rt/demo/weights` (or as a stage of train_var).
+Retrain: `python -m var_rt.demo.classifier --out var_rt/demo/weights` (or as a stage of
+examples/shapes10/train_var.py).
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """`var-rt demo` and `var-rt eval-demo`: the embedded, trained SHAPES-10 demo models.
 
 demo: one labelled PNG grid, a row per class; columns: VAR drafter alone, CoDe at two N, LlamaGen sequential and
-ZipAR at two windows (when var_rt.demo.train_llamagen and its weights are there; else the VAR columns only).
+ZipAR at two windows (when the LlamaGen demo weights are there; else the VAR columns only).
 eval-demo: a table of classifier accuracy, Frechet distance of classifier features vs real held-out SHAPES-10
-images, and time, for each method.
+images, and time, for each method. The models load through var_rt.demo.models; the arguments are var_rt.cli.demo.
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from var_rt.demo.data import CLASSES, NUM_CLASSES
 
 def _var_methods(weights):
     """[(column name, generate(labels, seed) -> images01, info())] for the VAR drafter and CoDe."""
-    from var_rt.demo import train_var as tv
-    samp = tv.demo_sampling(weights)
+    from var_rt.demo import models as dm
+    samp = dm.demo_sampling(weights)
     out = []
-    for n in (None, *tv.demo_code_steps(weights)):
-        pipe = tv.load_demo_var(n, weights)
+    for n in (None, *dm.demo_code_steps(weights)):
+        pipe = dm.load_demo_var(n, weights)
         name = "VAR drafter" if n is None else f"CoDe N={n}"
 
         def gen(labels, seed, pipe=pipe):
@@ -34,9 +34,9 @@ def _var_methods(weights):
 def _llamagen_methods(log=print):
     """LlamaGen sequential + ZipAR at the two demo windows, or [] (with the reason printed) when missing."""
     try:
-        from var_rt.demo import train_llamagen as tl
-        pipe = tl.load_demo_llamagen(device="cpu")
-        windows, samp = tuple(tl.DEMO_ZIPAR_WINDOWS), dict(tl.DEMO_SAMPLING)
+        from var_rt.demo import models as dm
+        pipe = dm.load_demo_llamagen(device="cpu")
+        windows, samp = tuple(dm.LLAMAGEN_ZIPAR_WINDOWS), dict(dm.LLAMAGEN_SAMPLING)
     except (ImportError, FileNotFoundError, AttributeError) as e:
         log(f"LlamaGen demo models not available ({type(e).__name__}: {e}): VAR columns only")
         return []
@@ -51,8 +51,8 @@ def _llamagen_methods(log=print):
 
 
 def methods(which="all", weights=None, log=print):
-    from var_rt.demo import train_var as tv
-    weights = weights or tv.WEIGHTS_DIR
+    from var_rt.demo import models as dm
+    weights = weights or dm.WEIGHTS_DIR
     out = []
     if which in ("all", "var"):
         out += _var_methods(weights)
@@ -135,27 +135,3 @@ def cmd_eval(a) -> int:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
     return 0
-
-
-def add_parser(sub) -> None:
-    d = sub.add_parser("demo", help="generate a labelled PNG grid with the embedded demo models (SHAPES-10)")
-    d.add_argument("--out", default="out/demo.png", help="PNG path")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--samples", type=int, default=2, help="images per class and method")
-    d.add_argument("--classes", type=int, nargs="+", help="class ids (default: all 10)")
-    d.add_argument("--scale", type=int, default=3, help="nearest-neighbour upscaling of the 32 px images")
-    _common(d)
-    d.set_defaults(fn=cmd_demo)
-    e = sub.add_parser("eval-demo", help="classifier accuracy and Frechet distance of the demo models' samples")
-    e.add_argument("--samples-per-class", type=int, default=50)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--batch", type=int, default=100)
-    e.add_argument("--json", help="also write the rows as JSON here")
-    _common(e)
-    e.set_defaults(fn=cmd_eval)
-
-
-def _common(p) -> None:
-    p.add_argument("--methods", choices=["all", "var", "llamagen"], default="all", help="which model families")
-    p.add_argument("--weights", help="folder of the VAR demo files (default: the shipped ones)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")

@@ -10,6 +10,13 @@ Parameter names are the official ones, so `c2i_{B,L,XL,XXL,3B}_{256,384}.pt` loa
 No biases. 2-D RoPE on q and k (precompute_freqs_cis_2d + apply_rotary_emb); the class prefix gets a zero
 (cos, sin) table, exactly as the official code, which zeroes its q and k. One `step()` runs any set of queries
 (prefill, one sequential token, or one query per active ZipAR row) against a preallocated KV cache.
+
+Every op goes through var_rt.ops (backend torch = the official semantics, the spec; the fast backend = Triton).
+A layer of `step()` is 9 launches on the fast path: residual add + attention_norm (the previous layer's FFN
+residual folded in), wqkv, RoPE on k + KV write, ZipAR attention (RoPE on q; its output lands in (N, Q, H*D) for
+wo; + a combine launch when it splits the keys), wo, residual add + ffn_norm, w1|w3 as one GEMM, SwiGLU, w2; the
+last layer's residual is folded into the final `norm`. `fuse_weights_()` (called once by LlamaGenPipeline) makes
+w1.weight / w3.weight views of one (2F, C) tensor for that single GEMM; the parameter names stay official.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from var_rt.runtime import zipar
+from var_rt import ops
 
 # Official GPT_* sizes (c2i uses B, L, XL, XXL, 3B); FFN hidden = find_multiple(int(8 C / 3), 256).
 GPT_CONFIGS = {
@@ -129,8 +136,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):  # statistics in fp32, result back in x's dtype, then the weight (official order)
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return ops.rms_norm_ref(x, self.weight, self.eps)
 
 
 class LabelEmbedder(nn.Module):
@@ -146,16 +152,19 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, (self.H + 2 * self.Hkv) * self.D, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x, kv, slots, rope, vis, backend):
-        """x (N, Q, C); kv (2, N, Hkv, L, D) this layer's cache view; slots (Q,) int64; rope (L, D/2, 2)."""
+    def forward(self, x, kv, slots, rope, vis, backend="torch"):
+        """x (N, Q, C) normed; kv (2, N, Hkv, L, D) this layer's cache view; slots (Q,) int64; rope (L, D/2, 2);
+        vis: runtime.zipar.Visibility. Returns wo(attention) (N, Q, C)."""
         N, Q, _ = x.shape
-        q, k, v = self.wqkv(x).split([self.H * self.D, self.Hkv * self.D, self.Hkv * self.D], dim=-1)
-        q = q.view(N, Q, self.H, self.D).transpose(1, 2)                                  # (N, H, Q, D), RoPE in attention
-        k = zipar.apply_rope(k.view(N, Q, self.Hkv, self.D), rope[slots]).transpose(1, 2)  # (N, Hkv, Q, D)
-        kv[0].index_copy_(2, slots, k)                                                    # write by slot, no cat
-        kv[1].index_copy_(2, slots, v.view(N, Q, self.Hkv, self.D).transpose(1, 2))
-        o = zipar.attention(q, kv[0], kv[1], vis, rope=rope, backend=backend)              # (N, H, Q, D)
-        return self.wo(o.transpose(1, 2).reshape(N, Q, self.H * self.D))
+        H, Hkv, D = self.H, self.Hkv, self.D
+        qkv = self.wqkv(x)                                                    # (N, Q, (H + 2 Hkv) D)
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        # k rotated and k, v written at their slots (no cat); q is rotated inside the attention
+        ops.rope_kv_write(k.view(N, Q, Hkv, D), v.view(N, Q, Hkv, D), kv[0], kv[1], slots, rope, backend=backend)
+        o = torch.empty(N, Q, H * D, dtype=qkv.dtype, device=qkv.device)     # wo's input layout, written in place
+        ops.zipar_attention(q.view(N, Q, H, D).transpose(1, 2), kv[0], kv[1], vis, rope=rope,
+                            out=o.view(N, Q, H, D).transpose(1, 2), backend=backend)
+        return self.wo(o)
 
 
 class FeedForward(nn.Module):
@@ -164,9 +173,45 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
         self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+        self._fused = None   # (w13, w1.weight, w3.weight) after fuse_weights_()
 
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    @torch.no_grad()
+    def fuse_weights_(self):
+        """Make w1.weight / w3.weight views of one (2F, C) tensor (rows w1 then w3), for one GEMM on the fast
+        path. The names (and state_dict) stay official; the old tensors are released, so no extra memory."""
+        if self.fused_weight() is not None:
+            return self
+        w1, w3 = self.w1.weight, self.w3.weight
+        w13 = torch.cat([w1, w3])
+        self.w1.weight = nn.Parameter(w13[: w1.shape[0]], requires_grad=w1.requires_grad)
+        self.w3.weight = nn.Parameter(w13[w1.shape[0]:], requires_grad=w3.requires_grad)
+        self._fused = (w13, self.w1.weight, self.w3.weight)
+        return self
+
+    def fused_weight(self):
+        """The (2F, C) w1|w3 tensor while w1.weight / w3.weight are still views of it (not after a .to() or a
+        parameter swap), else None."""
+        if self._fused is None:
+            return None
+        w13, p1, p3 = self._fused
+        if self.w1.weight is not p1 or self.w3.weight is not p3:
+            return None
+        if {p1.dtype, p3.dtype} != {w13.dtype} or {p1.device, p3.device} != {w13.device}:
+            return None
+        if w13.device.type != "meta" and (p1.data_ptr() != w13.data_ptr()
+                                          or p3.data_ptr() != w13[p1.shape[0]:].data_ptr()):
+            return None
+        return w13
+
+    def forward(self, x, backend="torch"):
+        """w2(silu(w1 x) * w3 x). Called directly (training, tests) it is the official reference; step() passes
+        its backend: on the fast one w1 and w3 are one GEMM (when fused) and the gate one SwiGLU kernel."""
+        w13 = self.fused_weight() if backend != "torch" else None
+        if w13 is not None:
+            a, b = F.linear(x, w13).chunk(2, dim=-1)                          # (N, Q, F) views of (N, Q, 2F)
+        else:
+            a, b = self.w1(x), self.w3(x)
+        return self.w2(ops.swiglu(a, b, backend=backend))
 
 
 class TransformerBlock(nn.Module):
@@ -177,9 +222,13 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, kv, slots, rope, vis, backend):
-        h = x + self.attention(self.attention_norm(x), kv, slots, rope, vis, backend)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x, y, kv, slots, rope, vis, backend="torch"):
+        """x (N, Q, C) the residual stream before the previous block's FFN output y (None for the first block) is
+        added: that add is fused into attention_norm. Returns (residual stream, this block's FFN output)."""
+        x, xn = ops.residual_rms_norm(x, y, self.attention_norm.weight, self.attention_norm.eps, backend=backend)
+        x, xn = ops.residual_rms_norm(x, self.attention(xn, kv, slots, rope, vis, backend), self.ffn_norm.weight,
+                                      self.ffn_norm.eps, backend=backend)
+        return x, self.feed_forward(xn, backend)
 
 
 class LlamaGenGPT(nn.Module):
@@ -214,13 +263,23 @@ class LlamaGenGPT(nn.Module):
     def embed_tokens(self, ids):       # (N, Q) int64 -> (N, Q, C)
         return self.tok_embeddings(ids)
 
-    def step(self, h, slots, kv_layers, vis: zipar.Visibility, backend=None):
+    def fuse_weights_(self) -> "LlamaGenGPT":
+        """Once after loading: each FFN's w1 / w3 become views of one fused weight (see FeedForward)."""
+        for layer in self.layers:
+            layer.feed_forward.fuse_weights_()
+        return self
+
+    def step(self, h, slots, kv_layers, vis, backend=None):
         """h (N, Q, C) input embeddings; slots (Q,) int64 KV slots (= positions) of the queries;
-        kv_layers: per-layer cache views (2, N, Hkv, L, D). Returns logits (N, Q, V) fp32."""
+        kv_layers: per-layer cache views (2, N, Hkv, L, D); vis: runtime.zipar.Visibility of the queries.
+        Returns logits (N, Q, V) fp32."""
         rope = self.rope_table(h.device)
+        backend = backend or ops.default_backend(h.device)
+        x, y = h, None
         for layer, kv in zip(self.layers, kv_layers):
-            h = layer(h, kv, slots, rope, vis, backend)
-        return self.output(self.norm(h)).float()
+            x, y = layer(x, y, kv, slots, rope, vis, backend)
+        _, xn = ops.residual_rms_norm(x, y, self.norm.weight, self.norm.eps, backend=backend)   # last residual
+        return self.output(xn).float()
 
 
 def build_meta(cfg: LlamaGenConfig) -> LlamaGenGPT:

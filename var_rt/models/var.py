@@ -76,18 +76,13 @@ class Attention(nn.Module):
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         return bias, self.scale_mul_1H11.view(-1).float().clamp_max(MAX_SCALE_MUL).exp()
 
-    def forward(self, x, consts, kv, start: int, q_scale=None, k_scale=None):
-        """x (N, l, C); kv (2, N, H, Lmax, D) pool view; writes this step's k, v at [start, start+l) and attends
-        to [0, start+l). Returns (N, l, C)."""
-        N, l, C = x.shape
+    def forward(self, h, consts, kv, start: int, q_scale=None, k_scale=None):
+        """h (N, l, C) AdaLN'd tokens; kv (2, N, H, Lmax, D) pool view. The attention kernel writes this step's
+        normalised k and v at [start, start+l) and attends to [0, start+l). Returns (N, l, C) before gamma1."""
         bias, scale_mul = consts
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(N, l, 3, self.heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, l, D)
-        end = start + l
-        kv[0, :, :, start:end].copy_(k)
-        kv[1, :, :, start:end].copy_(v)
-        o = ops.var_attention(q, kv[0, :, :, :end], kv[1, :, :, :end], scale_mul, q_scale, k_scale)
-        return self.proj(o.transpose(1, 2).reshape(N, l, C))
+        qkv = F.linear(h, self.mat_qkv.weight, bias)  # (N, l, 3C), official packing q | k | v
+        o = ops.var_attention(qkv, kv, start, scale_mul, q_scale, k_scale)  # (N, l, C)
+        return self.proj(o)
 
 
 class FFN(nn.Module):
@@ -96,8 +91,8 @@ class FFN(nn.Module):
         self.fc1 = nn.Linear(C, hidden)
         self.fc2 = nn.Linear(hidden, C)
 
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+    def forward(self, h):  # tanh GELU; fc1 + GELU is one GEMM with an epilogue on the fast path
+        return self.fc2(ops.linear_gelu(h, self.fc1.weight, self.fc1.bias))
 
 
 class Block(nn.Module):
@@ -118,11 +113,14 @@ class Block(nn.Module):
             return (self.ada_gss + shared).unbind(2)
         return self.ada_lin(cond).view(-1, 1, 6, self.C).unbind(2)
 
-    def forward(self, x, ada, consts, kv, start: int, q_scale=None, k_scale=None):
+    def forward(self, x, h, ada, next_mod, consts, kv, start: int, q_scale=None, k_scale=None):
+        """x (N, l, C) residual stream; h = adaln(x) with this block's (scale1, shift1), made by the block before.
+        next_mod (scale, shift) of the AdaLN that follows (next block's attention, or the head). Returns (x, h)
+        for the next one: each gated residual add is fused with the AdaLN after it, one pass over x."""
         g1, g2, s1, s2, b1, b2 = ada
-        a = self.attn(ops.adaln(x, s1, b1, self.eps), consts, kv, start, q_scale, k_scale)
-        x, h = ops.residual_adaln(x, a, g1, s2, b2, self.eps)  # x += a * gamma1, then the FFN's AdaLN, one pass
-        return x + self.ffn(h) * g2
+        a = self.attn(h, consts, kv, start, q_scale, k_scale)
+        x, h = ops.residual_adaln(x, a, g1, s2, b2, self.eps)  # x += a * gamma1, then the FFN's AdaLN
+        return ops.residual_adaln(x, self.ffn(h), g2, *next_mod, self.eps)  # x += ffn * gamma2, then the next AdaLN
 
 
 class HeadNorm(nn.Module):  # official AdaLNBeforeHead: only `ada_lin` has weights
@@ -177,15 +175,18 @@ class VAR(nn.Module):
 
     # ---- per step -------------------------------------------------------------------------------------------
     def forward_tokens(self, x, state: dict, kv_layers, start: int, q_scale=None, k_scale=None):
-        """x (2B, l, C) tokens at sequence positions [start, start+l); kv_layers[i] (2, 2B, H, Lmax, D)."""
-        for blk, ada, consts, kv in zip(self.blocks, state["ada"], state["attn"], kv_layers):
-            x = blk(x, ada, consts, kv, start, q_scale, k_scale)
-        return x
+        """x (2B, l, C) tokens at sequence positions [start, start+l); kv_layers[i] (2, 2B, H, Lmax, D).
+        Returns the head's AdaLN of the last hidden state, (2B, l, C): what `logits` reads."""
+        ada, blocks = state["ada"], self.blocks
+        mods = [(a[2], a[4]) for a in ada] + [state["head"]]  # (scale1, shift1) of each block, then the head's
+        h = ops.adaln(x, *mods[0], self.cfg.eps)
+        for i, (blk, consts, kv) in enumerate(zip(blocks, state["attn"], kv_layers)):
+            x, h = blk(x, h, ada[i], mods[i + 1], consts, kv, start, q_scale, k_scale)
+        return h
 
-    def logits(self, x, state: dict) -> torch.Tensor:
-        """(2B, l, C) -> (2B, l, V) fp32."""
-        scale, shift = state["head"]
-        return self.head(ops.adaln(x, scale, shift, self.cfg.eps)).float()
+    def logits(self, h) -> torch.Tensor:
+        """(2B, l, C) from forward_tokens -> (2B, l, V) in the model's dtype (the sampler reads it as it is)."""
+        return self.head(h)
 
     def kv_shape(self, rows: int) -> tuple:
         """Per-layer KV tensor shape for `rows` (= 2B) rows and the whole token pyramid."""

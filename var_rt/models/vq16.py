@@ -7,6 +7,10 @@
     decoder.conv_blocks.{i}.attn.{j} (lowest resolution only), decoder.conv_blocks.{i}.upsample.conv,
     decoder.norm_out, decoder.conv_out
 The encoder, quant_conv and the codebook usage buffer are in the official file and are accepted and dropped.
+
+As VAR's VQVAE decoder (models/vqvae.py): the reference (torch backend) is plain NCHW with nn.GroupNorm; the fast
+path (ops.decoder_channels_last) runs channels_last with the fused GroupNorm(+SiLU) kernels, each residual add
+fused into the next GroupNorm, through vqvae.run_channels_last.
 """
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from var_rt import ops
+from var_rt.models.vqvae import attention_nhwc, group_norm, residual_group_norm, run_channels_last
 
 IGNORED_KEYS = (r"encoder\..*", r"quant_conv\..*", r"quantize\.codebook_used")
 KEEP_FP32 = (r"quantize\..*", r"post_quant_conv\..*")
@@ -54,6 +61,12 @@ class ResnetBlock(nn.Module):
         h = self.conv2(F.silu(self.norm2(h)))
         return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
 
+    def fast(self, x, r=None):
+        """Input x + r; returns (shortcut, h), the output being their sum (added by the next GroupNorm)."""
+        x, a = residual_group_norm(self.norm1, x, r, True)
+        h = self.conv2(group_norm(self.norm2, self.conv1(a), True))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x), h
+
 
 class AttnBlock(nn.Module):
     """Single-head self-attention over all h*w positions, scale C^-1/2."""
@@ -70,6 +83,11 @@ class AttnBlock(nn.Module):
         o = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
         return x + self.proj_out(o.transpose(1, 2).reshape(B, C, H, W))
 
+    def fast(self, x, r=None):
+        """Channels_last; input x + r, returns (x + r, proj_out(attention))."""
+        x, a = residual_group_norm(self.norm, x, r, False)
+        return x, self.proj_out(attention_nhwc(self.q(a), self.k(a), self.v(a)))
+
 
 class Upsample(nn.Module):
     def __init__(self, c: int):
@@ -78,6 +96,9 @@ class Upsample(nn.Module):
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+    def fast(self, x, r=None):
+        return self.forward(x if r is None else x + r), None  # nearest 2x keeps channels_last
 
 
 class Decoder(nn.Module):
@@ -104,17 +125,22 @@ class Decoder(nn.Module):
         self.norm_out = _norm(cin)
         self.conv_out = nn.Conv2d(cin, 3, 3, 1, 1)
 
-    def forward(self, z):                       # (B, z, h, w) -> (B, 3, h * 2^(n-1), ...)
-        h = self.conv_in(z)
-        for m in self.mid:
-            h = m(h)
+    def stages(self) -> list:
+        """The modules between conv_in and norm_out, in the order they run."""
+        out = list(self.mid)
         for blk in self.conv_blocks:
             for i, r in enumerate(blk.res):
-                h = r(h)
-                if len(blk.attn):
-                    h = blk.attn[i](h)
+                out += [r, blk.attn[i]] if len(blk.attn) else [r]
             if hasattr(blk, "upsample"):
-                h = blk.upsample(h)
+                out.append(blk.upsample)
+        return out
+
+    def forward(self, z):                       # (B, z, h, w) -> (B, 3, h * 2^(n-1), ...), contiguous NCHW
+        if ops.decoder_channels_last(z.device):
+            return run_channels_last(z, self.conv_in, self.stages(), self.norm_out, self.conv_out)
+        h = self.conv_in(z)
+        for m in self.stages():
+            h = m(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

@@ -2,6 +2,13 @@
 
 Only what sampling runs: the quantizer codebook and its shared Phi convs, post_quant_conv and the decoder.
 The encoder and quant_conv are in the official file and are accepted and dropped (IGNORED_KEYS).
+
+The decoder has two paths with one set of weights. The reference (torch backend) is plain NCHW, the spec.
+The fast path (wherever ops.group_norm_silu takes its Triton kernel, see ops.decoder_channels_last) runs
+channels_last from conv_in to conv_out, cuDNN's native conv layout, so no conv pays NCHW<->NHWC transposes; the
+GroupNorm(+SiLU) kernels read and write NHWC, each block's residual add is fused into the next GroupNorm, the
+attention's token views are free, and the image is made contiguous NCHW once at the end.
+`run_channels_last` is shared with LlamaGen's VQ-16 decoder (models/vq16.py), which has the same structure.
 """
 from __future__ import annotations
 
@@ -39,9 +46,36 @@ def _norm(c: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, c, eps=1e-6, affine=True)
 
 
-def _gn(norm: nn.GroupNorm, x, silu: bool):
-    """GroupNorm (+ SiLU) through ops: one fused Triton kernel on the fast path."""
+def group_norm(norm: nn.GroupNorm, x, silu: bool):
+    """GroupNorm (+ SiLU) through ops: one fused Triton kernel on the fast path (NCHW or channels_last)."""
     return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
+
+
+def residual_group_norm(norm: nn.GroupNorm, x, r, silu: bool):
+    """(s, GroupNorm(+SiLU)(s)) of s = x + r, the add fused into the norm's kernel; r None: s = x."""
+    if r is None:
+        return x, group_norm(norm, x, silu)
+    return ops.residual_group_norm_silu(x, r, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
+
+
+def attention_nhwc(q, k, v):
+    """Single-head attention over all positions of channels_last maps q, k, v (B, C, H, W) -> channels_last
+    (B, C, H, W). A channels_last map is (B, H, W, C) in memory, so the (B, HW, C) token views and the way back
+    are free (no copy to NCHW and back, as the reference's reshape/transpose pair makes)."""
+    B, C, H, W = q.shape
+    q, k, v = (t.permute(0, 2, 3, 1).reshape(B, 1, H * W, C) for t in (q, k, v))
+    o = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
+    return o.reshape(B, H, W, C).permute(0, 3, 1, 2)
+
+
+def run_channels_last(z, conv_in, stages, norm_out, conv_out):
+    """The fast path of both VQ decoders. The running value is carried as a pair (x, r) meaning x + r: each
+    stage's `fast(x, r) -> (x', r')` leaves its residual add to the next GroupNorm (residual_group_norm).
+    Converts the latent to channels_last once, returns the image as contiguous NCHW."""
+    x, r = conv_in(z.contiguous(memory_format=torch.channels_last)), None
+    for m in stages:
+        x, r = m.fast(x, r)
+    return conv_out(residual_group_norm(norm_out, x, r, True)[1]).contiguous()
 
 
 class ResnetBlock(nn.Module):
@@ -52,9 +86,14 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
-        h = self.conv1(_gn(self.norm1, x, True))
-        h = self.conv2(_gn(self.norm2, h, True))
+        h = self.conv1(group_norm(self.norm1, x, True))
+        h = self.conv2(group_norm(self.norm2, h, True))
         return self.nin_shortcut(x) + h
+
+    def fast(self, x, r=None):
+        """Input x + r; returns (shortcut, h), the output being their sum (added by the next GroupNorm)."""
+        x, a = residual_group_norm(self.norm1, x, r, True)
+        return self.nin_shortcut(x), self.conv2(group_norm(self.norm2, self.conv1(a), True))
 
 
 class AttnBlock(nn.Module):
@@ -67,9 +106,15 @@ class AttnBlock(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(_gn(self.norm, x, False)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)  # (B, HW, C)
+        qkv = self.qkv(group_norm(self.norm, x, False))
+        q, k, v = qkv.reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)  # (B, HW, C)
         h = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
         return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
+
+    def fast(self, x, r=None):
+        """Channels_last; input x + r, returns (x + r, proj_out(attention))."""
+        x, a = residual_group_norm(self.norm, x, r, False)
+        return x, self.proj_out(attention_nhwc(*self.qkv(a).chunk(3, dim=1)))
 
 
 class Upsample2x(nn.Module):
@@ -79,6 +124,9 @@ class Upsample2x(nn.Module):
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+    def fast(self, x, r=None):
+        return self.forward(x if r is None else x + r), None  # nearest 2x keeps channels_last
 
 
 class Decoder(nn.Module):
@@ -111,17 +159,25 @@ class Decoder(nn.Module):
         self.norm_out = _norm(block_in)
         self.conv_out = nn.Conv2d(block_in, 3, 3, 1, 1)
 
-    def forward(self, z):
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+    def stages(self) -> list:
+        """The modules between conv_in and norm_out, in the order they run."""
+        out = [self.mid.block_1, self.mid.attn_1, self.mid.block_2]
         for lvl in reversed(range(len(self.up))):
             up = self.up[lvl]
             for i, blk in enumerate(up.block):
-                h = blk(h)
-                if len(up.attn):
-                    h = up.attn[i](h)
+                out += [blk, up.attn[i]] if len(up.attn) else [blk]
             if lvl != 0:
-                h = up.upsample(h)
-        return self.conv_out(_gn(self.norm_out, h, True))
+                out.append(up.upsample)
+        return [m for m in out if not isinstance(m, nn.Identity)]
+
+    def forward(self, z):
+        """z (B, Cvae, h, w) -> image (B, 3, H, W), contiguous NCHW on both paths."""
+        if ops.decoder_channels_last(z.device):
+            return run_channels_last(z, self.conv_in, self.stages(), self.norm_out, self.conv_out)
+        h = self.conv_in(z)
+        for m in self.stages():
+            h = m(h)
+        return self.conv_out(group_norm(self.norm_out, h, True))
 
 
 class PhiConvs(nn.Module):  # official PhiPartiallyShared: `qresi_ls.{i}` are Conv2d(Cvae, Cvae, 3, padding 1)

@@ -65,10 +65,9 @@ def run_var(models: dict, vae, schedule: list[Phase], labels: torch.Tensor, seed
     tokens: list = [None] * K
 
     def sample(model, state, s, hidden):
-        logits = model.logits(hidden, state)  # (2B, l, V)
-        t = params.cfg * s / (K - 1)
-        mixed = (1 + t) * logits[:B] - t * logits[B:]
-        idx = ops.sample_tokens(mixed, seeds, s, params.top_k[s], params.top_p[s], params.temperature[s])
+        logits = model.logits(hidden)  # (2B, l, V) in the model's dtype, conditional rows first
+        t = params.cfg * s / (K - 1)  # the sampler mixes (1 + t) * cond - t * uncond in fp32 as it reads them
+        idx = ops.sample_tokens(logits, seeds, s, params.top_k[s], params.top_p[s], params.temperature[s], guidance=t)
         tokens[s] = idx
         phi = vae.phi(s, K)
         rows_next = ops.rvq_step(idx, codebook, phi.weight, phi.bias, f_hat, pns[s], pns[s + 1] if s + 1 < K else None)

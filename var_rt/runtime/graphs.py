@@ -2,9 +2,10 @@
 sampling and the residual-VQ updates) is captured once per (batch bucket, sampling settings) and replayed.
 
 Static input buffers (labels, seeds) are filled before each replay; outputs live in the graph's memory and are
-cloned out. All graphs share one memory pool and are captured largest batch first. Anything that cannot be
-captured (a CPU device, the torch reference sampler, which syncs with the host to seed its generators) runs
-eagerly, with one warning saying why.
+cloned out. All graphs share one memory pool and are captured largest batch first. Whether a run can be
+captured is decided per run, from the backend that run uses: a torch-backend run (the reference sampler syncs
+with the host to seed its generators) goes eagerly without touching later fast runs. Only what holds for the
+whole cache turns graphs off for good: a CPU device, or a capture that failed (one warning saying why).
 """
 from __future__ import annotations
 
@@ -27,15 +28,20 @@ class GraphCache:
         self.device = torch.device(device)
         self.pool = None
         self.graphs: dict = {}
-        self.disabled_reason: str | None = None
-        if self.device.type != "cuda":
-            self.disabled_reason = "not a CUDA device"
-        elif ops.default_backend(self.device) == "torch":
-            self.disabled_reason = "the torch reference sampler syncs with the host (backend torch)"
+        # sticky: only what holds for every later run (the device; a failed capture). Per-run reasons are not kept.
+        self.disabled_reason: str | None = None if self.device.type == "cuda" else "not a CUDA device"
+        self.last_mode: str | None = None  # "graph" or "eager: <why>", for the run just made (benchmarks report it)
 
-    def _warn(self, why: str) -> None:
-        if self.disabled_reason is None:
-            self.disabled_reason = why
+    def eager_reason(self, backend: str | None = None) -> str | None:
+        """Why a run with this backend goes eagerly (None: it is captured / replayed)."""
+        if self.disabled_reason is not None:
+            return self.disabled_reason
+        if (backend or ops.default_backend(self.device)) == "torch":
+            return "the torch reference sampler syncs with the host (backend torch)"
+        return None
+
+    def _disable(self, why: str) -> None:
+        self.disabled_reason = why
         warnings.warn(f"var_rt: CUDA graphs off, running eagerly: {why}", RuntimeWarning, stacklevel=3)
 
     def capture(self, key, fn, labels: torch.Tensor, seeds: torch.Tensor):
@@ -53,17 +59,23 @@ class GraphCache:
         self.graphs[key] = _Captured(graph, static_labels, static_seeds, outputs)
         return self.graphs[key]
 
-    def run(self, key, fn, labels: torch.Tensor, seeds: torch.Tensor):
-        """Replay the graph for `key` (capturing it first), or run fn eagerly where graphs are off."""
-        if self.disabled_reason is not None:
+    def run(self, key, fn, labels: torch.Tensor, seeds: torch.Tensor, backend: str | None = None):
+        """Replay the graph for `key` (capturing it first), or run fn eagerly where this run cannot be captured.
+        backend: the op backend this run uses (default: ops.default_backend now, i.e. inside the caller's
+        ops.use_backend); a torch run goes eagerly this time only."""
+        why = self.eager_reason(backend)
+        if why is not None:
+            self.last_mode = f"eager: {why}"
             return fn(labels, seeds)
         entry = self.graphs.get(key)
         if entry is None:
             try:
                 entry = self.capture(key, fn, labels, seeds)
             except Exception as e:  # capture impossible here: stay correct, run eagerly from now on
-                self._warn(f"capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                self._disable(f"capture failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
+                self.last_mode = f"eager: {self.disabled_reason}"
                 return fn(labels, seeds)
+        self.last_mode = "graph"
         entry.labels.copy_(labels)
         entry.seeds.copy_(seeds)
         entry.graph.replay()

@@ -1,6 +1,6 @@
 """ZipAR schedule for LlamaGen c2i: which rows are active at each forward pass, the KV slot and input token of
-every query, and what each query may see. Also the attention op over those queries (torch reference + dispatch
-to the Triton kernel `kernels/zipar_attention.py`; to be moved into `var_rt.ops` as `zipar_attention`).
+every query, and what each query may see (`Visibility`). Pure: the attention over those queries is the op
+`var_rt.ops.zipar_attention` (torch reference `zipar_attention_ref`, Triton kernel `kernels/zipar_attention.py`).
 
 Grid: h rows x tpr tokens per row, raster index t = r * tpr + c. KV slot of raster position t = P + t, where P
 is the class-prefix length (1 for c2i: slot 0 holds the class token). A query at slot p predicts the token at
@@ -33,7 +33,6 @@ placeholder's K/V stays visible to later rows until its row finishes. We mask bo
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -122,51 +121,8 @@ class Visibility(NamedTuple):
 
 def visibility_mask(vis: Visibility, n_keys: int | None = None) -> torch.Tensor:
     """(Q, n_keys) bool: the visibility rule of the module docstring, as a dense mask (reference and tests)."""
-    L = vis.n_keys if n_keys is None else n_keys
-    dev = vis.q_slot.device
-    j = torch.arange(L, device=dev)
-    img = (j - vis.prefix).clamp(min=0)
-    row = (img // vis.tpr).clamp(max=vis.counts.numel() - 1)
-    drawn = (j < vis.prefix) | ((img % vis.tpr) < vis.counts.long()[row])
-    p = vis.q_slot.long().view(-1, 1)
-    return ((j <= p) & drawn) | (j == p)
+    return ops.zipar_visibility_mask(vis.q_slot, vis.counts, vis.prefix, vis.tpr,
+                                     vis.n_keys if n_keys is None else n_keys)
 
 
-def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """x (N, Q, H, D); table (Q, D/2, 2) (cos, sin) per interleaved pair: the official apply_rotary_emb.
-    Rotated in fp32, returned in x's dtype."""
-    N, Q, H, D = x.shape
-    xs = x.float().reshape(N, Q, H, D // 2, 2)
-    cos, sin = table[..., 0].view(1, Q, 1, D // 2), table[..., 1].view(1, Q, 1, D // 2)
-    x0, x1 = xs[..., 0], xs[..., 1]
-    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(3).to(x.dtype)
-
-
-def attention_ref(q, k_cache, v_cache, vis: Visibility, rope=None, out=None):
-    """q (N, H, Q, D) (not yet rotated when `rope` (L, D/2, 2) is given: rotated here by its slot);
-    k_cache, v_cache (N, Hkv, L, D) with K already rotated. Softmax scale 1/sqrt(D), fp32; (N, H, Q, D) in q's dtype."""
-    N, H, Q, D = q.shape
-    L = vis.n_keys
-    qf = q.float()
-    if rope is not None:
-        qf = apply_rope(qf.transpose(1, 2), rope[vis.q_slot.long()]).transpose(1, 2)
-    rep = H // k_cache.shape[1]
-    k = k_cache[:, :, :L].float().repeat_interleave(rep, dim=1)
-    v = v_cache[:, :, :L].float().repeat_interleave(rep, dim=1)
-    s = (qf @ k.transpose(-1, -2)) * (1.0 / math.sqrt(D))           # (N, H, Q, L)
-    s = s.masked_fill(~visibility_mask(vis, L), float("-inf"))
-    o = (s.softmax(-1) @ v).to(q.dtype)
-    if out is not None:
-        out.copy_(o)
-        return out
-    return o
-
-
-def attention(q, k_cache, v_cache, vis: Visibility, rope=None, out=None, backend=None):
-    """Dispatch: the Triton kernel when the backend is triton (CUDA, or CPU under TRITON_INTERPRET=1), else the
-    reference. A kernel that cannot load falls back to the reference with one warning (ops.triton_fn)."""
-    if (backend or ops.default_backend(q.device)) != "torch":
-        fn = ops.triton_fn("zipar_attention", q.device)
-        if fn is not None:
-            return fn(q, k_cache, v_cache, vis.q_slot, vis.counts, vis.prefix, vis.tpr, rope=rope, out=out)
-    return attention_ref(q, k_cache, v_cache, vis, rope=rope, out=out)
+apply_rope = ops.apply_rope   # the official apply_rotary_emb; kept here for var_rt.demo.train_llamagen

@@ -1,7 +1,7 @@
 """Train the embedded VAR demo models on SHAPES-10 (32x32 px), reproducibly from a seed, on the CPU.
 
-    python -m var_rt.demo.train_var --out var_rt/demo/weights            # all stages, about 22 min on one core
-    python -m var_rt.demo.train_var --out /tmp/w --stages drafter,refiner  # reuse vae.safetensors from --out
+    python examples/shapes10/train_var.py --out var_rt/demo/weights            # all stages, about 22 min on one core
+    python examples/shapes10/train_var.py --out /tmp/w --stages drafter,refiner  # reuse vae.safetensors from --out
 
 Stages (each saves its files in the official key names, so they load through `VARPipeline.from_checkpoints`):
 1. vae: a multi-scale residual VQVAE of the official family with small widths: official `Encoder` module tree
@@ -17,6 +17,9 @@ Stages (each saves its files in the official key names, so they load through `VA
    replaced by the null class so that classifier-free guidance works.
 Finally the shipped (fp16) files are loaded back through from_checkpoints and scored; the manifest records
 config, seeds, data, steps, losses, times and the measured accuracies.
+
+Not part of the installed package: what `var-rt demo` needs at run time (file names, loaders, the sampling
+settings) is var_rt.demo.models, imported here.
 """
 from __future__ import annotations
 
@@ -32,21 +35,19 @@ import torch.nn.functional as F
 
 from var_rt import ops
 from var_rt.demo.data import NUM_CLASSES, make_dataset
+# the shipped files' folder and names, their loaders and the demo settings written to the manifest
+from var_rt.demo.models import (VAR_CODE_STEPS as CODE_STEPS, VAR_MANIFEST as MANIFEST,  # noqa: F401
+                                VAR_SAMPLING as SAMPLING, WEIGHTS_DIR, demo_code_steps, demo_sampling,
+                                load_demo_var, load_manifest, sample_classes)
 from var_rt.models import var as var_model
 from var_rt.models import vqvae as vqvae_model
 from var_rt.models.vqvae import AttnBlock, ResnetBlock
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
-MANIFEST = "var_manifest.json"
 PATCH_NUMS = (1, 2, 3, 4, 6, 8)  # 130 tokens; the last map is the 8x8 latent of a 32x32 image
 VAE_CFG = vqvae_model.VQVAEConfig(vocab=256, cvae=16, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1)
 DRAFTER = dict(depth=4, width=128, heads=2)
 REFINER = dict(depth=2, width=128, heads=2)
 DATA_SEEDS = {"vae": 1001, "var": 2001}  # SHAPES-10 seeds (classifier: 7001, held-out reference: 9001)
-# Demo settings, tuned on the trained models (drafter alone, 50 per class: cfg 1..3 x top_p 0.8..1 all gave
-# 94-98% accuracy; cfg <= 2 with top_p 0.8 the lowest Frechet distance). Written to the manifest; read from there.
-CODE_STEPS = (2, 4)
-SAMPLING = dict(cfg=1.5, top_k=0, top_p=0.8, temperature=1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,7 +254,7 @@ def teacher_logits(model: var_model.VAR, labels: torch.Tensor, x_in: torch.Tenso
     ids = level_ids(pns)
     with ops.use_backend("torch"):
         h = model.forward_tokens(x, state, kv, 0, ids, ids)
-        return model.logits(h, state)
+        return model.logits(h)
 
 
 def teacher_logits_fast(model: var_model.VAR, labels: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
@@ -355,47 +356,6 @@ def save_sd(sd: dict, path: str, half=True) -> None:
     from safetensors.torch import save_file
     save_file({k: (v.half() if half and v.is_floating_point() else v).detach().contiguous()
                for k, v in sd.items()}, path)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# loading the shipped files (the demo commands and tests use these)
-def load_manifest(folder=WEIGHTS_DIR) -> dict:
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def demo_sampling(folder=WEIGHTS_DIR) -> dict:
-    return dict(load_manifest(folder).get("sampling", SAMPLING))
-
-
-def demo_code_steps(folder=WEIGHTS_DIR) -> tuple:
-    return tuple(load_manifest(folder).get("code_steps", CODE_STEPS))
-
-
-def load_demo_var(draft_steps=None, folder=WEIGHTS_DIR, device="cpu", dtype="fp32"):
-    """VARPipeline on the shipped files: the drafter alone (draft_steps None) or CoDe drafter -> refiner."""
-    from var_rt.pipeline import VARPipeline
-    f = {n: os.path.join(folder, n + ".safetensors") for n in ("vae", "var_drafter", "var_refiner")}
-    for n, p in f.items():
-        if not os.path.isfile(p) and (n != "var_refiner" or draft_steps is not None):
-            raise FileNotFoundError(f"demo weights missing: {p} (train: python -m var_rt.demo.train_var)")
-    if draft_steps is None:
-        return VARPipeline.from_checkpoints(var=f["var_drafter"], vae=f["vae"], device=device, dtype=dtype)
-    return VARPipeline.from_checkpoints(drafter=f["var_drafter"], refiner=f["var_refiner"], vae=f["vae"],
-                                        draft_steps=draft_steps, device=device, dtype=dtype)
-
-
-def sample_classes(pipe, n_per_class: int, seed=0, batch=100, **sampling):
-    """n_per_class images of every class, classes interleaved like make_dataset. (images01, labels)."""
-    labels = torch.arange(NUM_CLASSES).repeat(n_per_class)
-    out = []
-    for i in range(0, len(labels), batch):
-        lab = labels[i:i + batch]
-        out.append(pipe(lab, seeds=[ops.mix_seed(seed, int(j)) for j in range(i, i + len(lab))], **sampling))
-    return torch.cat(out), labels
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@
 
 Both load through `LlamaGenPipeline.from_checkpoints` like the official files (weights stored fp16, the codebook
 and freqs_cis fp32; loading casts). `load_demo_llamagen()` does that; `DEMO_SAMPLING` and `DEMO_ZIPAR_WINDOWS`
-are the settings `var-rt demo` uses. Retrain: `python -m var_rt.demo.train_llamagen --out var_rt/demo/weights`.
+are the settings `var-rt demo` uses (all three live in the installed var_rt.demo.models; this script is not
+installed). Retrain: `python examples/shapes10/train_llamagen.py --out var_rt/demo/weights`.
 
 Training follows the official semantics, written here from them (tokenizer/tokenizer_image/vq_model.py, vq_loss,
 autoregressive/train/train_c2i.py): the VQ encodes, l2-normalises z and the codebook, picks the nearest code,
@@ -31,30 +32,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# the shipped files' folder and names, their loader and the settings `var-rt demo` uses
+from var_rt.demo.models import (GPT_FILE, LLAMAGEN_MANIFEST as MANIFEST_FILE, LLAMAGEN_SAMPLING as DEMO_SAMPLING,
+                                LLAMAGEN_ZIPAR_WINDOWS as DEMO_ZIPAR_WINDOWS, VQ_FILE, WEIGHTS_DIR,
+                                load_demo_llamagen)
 from var_rt.llamagen_pipeline import LlamaGenPipeline
 from var_rt.models import llamagen, vq16
 from var_rt.runtime import zipar
-from var_rt.demo.train_var import Downsample2x as Downsample  # the official asymmetric-padding stride-2 conv
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
-GPT_FILE, VQ_FILE, MANIFEST_FILE = "llamagen_gpt.safetensors", "llamagen_vq.safetensors", "llamagen_manifest.json"
+from train_var import Downsample2x as Downsample  # the official asymmetric-padding stride-2 conv (sibling script)
 
 VQ_CONFIG = vq16.VQ16Config(codebook_size=512, embed_dim=8, z_channels=64, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1)
 GPT_CONFIG = llamagen.LlamaGenConfig(dim=192, n_layer=6, n_head=6, vocab_size=512, num_classes=10, grid=8)
 
-DEMO_ZIPAR_WINDOWS = (2, 4)                                     # 8 tokens per row; 8 = sequential
-DEMO_SAMPLING = dict(cfg=3.0, top_k=0, top_p=0.9, temperature=1.0)   # chosen on the classifier (see the manifest)
-
 DATA = dict(n_per_class=1500, seed=4242)                       # SHAPES-10 training set (classifier: 7001 / 9001)
 VQ_TRAIN = dict(seed=0, steps=700, batch=32, lr=1.5e-3, warmup=50, beta=0.25, restart_every=50, restart_until=500)
 GPT_TRAIN = dict(seed=0, steps=600, batch=64, lr=1e-3, warmup=50, weight_decay=0.05, class_dropout=0.1)
-
-
-def load_demo_llamagen(device="cpu", dtype=torch.float32, backend=None, weights_dir=None) -> LlamaGenPipeline:
-    """The shipped demo GPT + VQ, loaded by the same strict code as the official checkpoints."""
-    d = weights_dir or WEIGHTS_DIR
-    return LlamaGenPipeline.from_checkpoints(gpt=os.path.join(d, GPT_FILE), vq=os.path.join(d, VQ_FILE),
-                                             device=device, dtype=dtype, backend=backend)
 
 
 # ---- VQ: the official encoder side (names encoder.*, quant_conv) around our VQ16 decoder ------------------------

@@ -1,11 +1,8 @@
-"""`var-rt` command line: generate | info (| sample, see var_rt.sample)."""
+"""The model and sampling arguments shared by `var-rt generate` and `var-rt sample`, and what they build: the
+pipeline (`build_pipeline`) and the keyword arguments of a call to it (`sampling_kwargs`)."""
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
-import time
 
 import torch
 
@@ -107,88 +104,3 @@ def sampling_kwargs(pipe, a) -> dict:
             raise SystemExit("error: --preset is for VAR models")
         kw["preset"] = a.preset
     return kw
-
-
-def cmd_generate(a) -> int:
-    from var_rt import images
-    images.check_writable(a.out)
-    if a.per_image:
-        images.check_writable(a.per_image, is_dir=True)
-    t0 = time.perf_counter()
-    pipe = build_pipeline(a)
-    t_load = time.perf_counter() - t0
-    kw = sampling_kwargs(pipe, a)
-    labels = pipe.check_labels(a.classes)  # fail on a bad class id before any work
-    t0 = time.perf_counter()
-    out = pipe(labels, seed=a.seed, progress=True, **kw)
-    if out.is_cuda:
-        torch.cuda.synchronize()
-    t_gen = time.perf_counter() - t0
-    images.save_grid(out, a.out, nrow=a.nrow)
-    if a.per_image:
-        images.save_each(out, a.per_image, [f"{i:03d}_class{int(c)}.png" for i, c in enumerate(labels)])
-    print(f"var-rt: {len(labels)} images ({out.shape[-1]} px) in {t_gen:.2f} s (load {t_load:.1f} s) -> {a.out}"
-          + (f" and {a.per_image}/" if a.per_image else ""))
-    if a.verbose:
-        stats = dict(getattr(pipe, "last_stats", {}) or {})
-        if getattr(pipe, "last_forward_passes", None) is not None:
-            stats["forward_passes"] = pipe.last_forward_passes
-        print("var-rt: " + json.dumps(stats))
-    return 0
-
-
-def cmd_info(a) -> int:
-    import var_rt
-    from var_rt import _ext, ops
-    print(f"var_rt  {var_rt.__version__}")
-    print(f"torch   {torch.__version__}")
-    try:
-        import triton
-        print(f"triton  {triton.__version__}" + ("  (TRITON_INTERPRET=1: kernels run on the CPU)" if os.environ.get("TRITON_INTERPRET") == "1" else ""))
-    except ImportError:
-        print("triton  not installed")
-    dev = "cpu"
-    if torch.cuda.is_available():
-        dev = "cuda"
-        print(f"device  {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
-    else:
-        print("device  no CUDA device: CPU only")
-    mod = _ext.load()
-    print(f"_C      {'built' if mod else 'NOT built: ' + str(_ext.load_error())}; CUDA code: {'yes (sm_80, sm_90)' if _ext.has_cuda_code() else 'no'}")
-    print(f"ops on {dev}:")
-    for op, (backend, reason) in ops.describe_backends(dev).items():
-        print(f"  {op:18s} {backend:7s} {reason}")
-    return 0
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="var-rt", description="Fast sampling for VAR (+CoDe) and LlamaGen (+ZipAR).")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("generate", help="sample images for some classes and write a PNG grid")
-    add_model_args(g)
-    add_sampling_args(g)
-    g.add_argument("--classes", type=int, nargs="+", required=True, help="class ids, one image each")
-    g.add_argument("--out", default="grid.png", help="PNG grid path")
-    g.add_argument("--per-image", metavar="DIR", help="also write one PNG per image here")
-    g.add_argument("--nrow", type=int, help="images per grid row")
-    g.add_argument("--verbose", action="store_true", help="print KV memory and other stats")
-    g.set_defaults(fn=cmd_generate)
-    i = sub.add_parser("info", help="versions, device, and which backend each op uses")
-    i.set_defaults(fn=cmd_info)
-    from var_rt import sample as sample_cmd
-    sample_cmd.add_parser(sub, add_model_args, add_sampling_args)
-    try:  # `var-rt demo` / `var-rt eval-demo`: the embedded demo models
-        from var_rt.demo import run as demo_cmd
-        demo_cmd.add_parser(sub)
-    except ImportError:
-        pass
-    a = p.parse_args(argv)
-    try:
-        return a.fn(a)
-    except (ValueError, RuntimeError, PermissionError, FileNotFoundError, MemoryError) as e:
-        print(f"var-rt: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

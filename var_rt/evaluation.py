@@ -1,4 +1,6 @@
-"""`var-rt sample`: many images for evaluation (50 per class), resumable, sharded over processes with torchrun.
+"""Evaluation runs (`var-rt sample`, `var-rt fid`): many images (50 per class), resumable, sharded over
+processes with torchrun. The command line's argument handling is in var_rt.cli.sample; this module does not
+import the command line (`run` takes the pipeline builder and the sampling-argument reader as callables).
 
 Image i has class i // per_class and seed mix_seed(seed, i): the result depends on neither the number of
 processes nor the batch size. Rank r of W takes the indices i with i % W == r that are not on disk yet. PNGs are
@@ -174,8 +176,9 @@ def pack(out_dir: str, total: int, size: int, a, pipe) -> None:
     print(f"var-rt sample: wrote {npz} ({total} x {size} x {size} x 3 uint8) and {out_dir}/manifest.json")
 
 
-def cmd_fid(a) -> int:
-    """FID between two npz files with pytorch-fid, where it and its Inception weights are present locally."""
+def fid(npz: str, ref: str) -> float:
+    """FID between two npz files (arr_0: uint8 (N, H, W, 3)) with pytorch-fid, where it and its Inception weights
+    are present locally."""
     try:
         from pytorch_fid import fid_score  # noqa: F401
         from pytorch_fid.inception import FID_WEIGHTS_URL
@@ -200,25 +203,6 @@ def cmd_fid(a) -> int:
                 feats.append(model(b)[0].squeeze(-1).squeeze(-1).cpu().numpy())
         f = np.concatenate(feats)
         return f.mean(0), np.cov(f, rowvar=False)
-    m1, s1 = stats(a.npz)
-    m2, s2 = stats(a.ref)
-    print(f"FID {calculate_frechet_distance(m1, s1, m2, s2):.3f}")
-    return 0
-
-
-def add_parser(sub, add_model_args, add_sampling_args) -> None:
-    from var_rt import cli
-    s = sub.add_parser("sample", help="many images for evaluation: resumable, torchrun-sharded, FID-ready npz")
-    add_model_args(s)
-    add_sampling_args(s)
-    s.add_argument("--per-class", type=int, default=50)
-    s.add_argument("--num", "--num-images", dest="num", type=int, default=None,
-                   help="only the first N images (index order); under torchrun write --num-images (torchrun's own "
-                        "parser takes --num for its --numa-binding)")
-    s.add_argument("--batch", type=int, default=16)
-    s.add_argument("--out", required=True, help="folder for {index:06d}.png; DIR.npz is written beside it")
-    s.set_defaults(fn=lambda a: run(a, cli.build_pipeline, cli.sampling_kwargs))
-    f = sub.add_parser("fid", help="FID of DIR.npz against a reference npz (pytorch-fid, local weights only)")
-    f.add_argument("npz")
-    f.add_argument("--ref", required=True)
-    f.set_defaults(fn=cmd_fid)
+    m1, s1 = stats(npz)
+    m2, s2 = stats(ref)
+    return float(calculate_frechet_distance(m1, s1, m2, s2))
