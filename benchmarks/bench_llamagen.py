@@ -38,14 +38,9 @@ def fast_path_usable(device) -> str | None:
     """None if the Triton kernel can run here, else the reason."""
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         return "no CUDA device (set TRITON_INTERPRET=1 to run the kernel in the interpreter)"
-    import warnings
     from var_rt import ops
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fn = ops.triton_fn("zipar_attention", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    if fn is None:
-        return "Triton kernel unavailable: " + "; ".join(str(w.message) for w in caught)
-    return None
+    impl, why = ops.describe_backends(device, "fast")["zipar_attention"]
+    return None if impl == ops.dispatch.TRITON else f"Triton kernel unavailable: {why}"
 
 
 def main(argv=None) -> int:
@@ -59,7 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--vq", help="official vq_ds16_c2i.pt (with --gpt)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="bf16 (CUDA default) or fp32 (CPU default)")
-    p.add_argument("--backends", default="triton,torch", help="comma list, timed in this order: triton (fast), torch")
+    p.add_argument("--backends", default="fast,torch", help="comma list, timed in this order: fast, torch")
     p.add_argument("--modes", default="sequential,zipar", help="fast path: these modes, in this order")
     p.add_argument("--ref-modes", default="zipar,sequential",
                    help="torch reference: these modes, in this order ('none' to skip it; ZipAR first sizes sequential)")

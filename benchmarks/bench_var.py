@@ -204,7 +204,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--random-weights", action="store_true", help="(the only mode: speed does not depend on weights)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--backends", default=None, help="comma list, timed in this order; default 'triton,torch' on CUDA "
+    p.add_argument("--backends", default=None, help="comma list, timed in this order; default 'fast,torch' on CUDA "
                                                     "(and --tiny under TRITON_INTERPRET=1), else 'torch'")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
@@ -221,7 +221,7 @@ def main(argv=None):
         a.batch = min(a.batch, 2)
         a.warmup, a.iters, a.ref_warmup, a.ref_iters = 0, 1, 0, 1  # one generation each: a smoke test
     interp = os.environ.get("TRITON_INTERPRET") == "1"
-    backends = (a.backends or ("triton,torch" if device.type == "cuda" or (a.tiny and interp) else "torch")).split(",")
+    backends = (a.backends or ("fast,torch" if device.type == "cuda" or (a.tiny and interp) else "torch")).split(",")
     if a.configs:
         specs = [parse_spec(s) for s in a.configs]
     else:

@@ -11,10 +11,11 @@ What is counted (a TorchDispatchMode sees every aten op; fakes stand in for the 
     plus the bytes of its tensors (inputs + outputs; a tensor written in place counted once; a table lookup
     (embedding, index) reads the rows it gathers, a write by index (index_copy_, index_put_) the rows it writes).
     Ops on CPU tensors only are host work (not counted); a CPU -> device copy is counted apart (`h2d_copies`).
-  * Triton and _C kernels: `var_rt.ops.triton_fn(op, device)` and `var_rt._ext.rvq_step_fn(device)` (also where a
-    var_rt module imported them by name) return recording fakes, generic over the op name: one launch per call
-    (rvq_step: 3), bytes = tensor arguments + outputs, where a KV cache argument counts only the keys attention
-    reads (n_keys) or the positions a write touches. Outputs (contiguous, as a kernel allocates them) come from the
+  * Triton and _C kernels: the Triton gate (`var_rt.ops.dispatch.triton_fn(op, device, loader)`; before the ops
+    package, `var_rt.ops.triton_fn(op, device)`) and `var_rt._ext.rvq_step_fn(device)` (also where a var_rt module
+    imported them by name) return recording fakes, generic over the op name: one launch per call (rvq_step: 3),
+    bytes = tensor arguments + outputs, where a KV cache argument counts only the keys attention reads (n_keys) or
+    the positions a write touches. Outputs (contiguous, as a kernel allocates them) come from the
     op's torch reference run once per call signature with recording suspended, or from a shape rule
     (sample_tokens); an op without either gets its first tensor's shape. Attention FLOPs 4*N*H*Lq*Lk*D with Lk the
     keys visible (block-causal prefill: per scale; ZipAR: slot + 1), taken from the engine's step (VAR
@@ -22,7 +23,7 @@ What is counted (a TorchDispatchMode sees every aten op; fakes stand in for the 
     whose name says linear / gemm / matmul / mlp / ffn / proj from its 2-D weight.
   * F.scaled_dot_product_attention (VAE / VQ decoders) is counted as ONE fused attention launch (on meta torch
     would pick its unfused math path).
-  * Phases: `tokens` (generate_latents / generate_tokens: the CUDA graph; graph nodes = its launches), `decode`
+  * Phases: `tokens` (VARPipeline._sample / generate_tokens: the CUDA graph; graph nodes = its launches), `decode`
     (VQVAE fhat_to_img / VQ decode_tokens, eager), `other`. Transformer layers (each module of `blocks` / `layers`)
     are marked by forward hooks: launches_per_layer_step = launches inside them / layer calls (layers x steps).
   * One-time setup (KV arena, ZipAR plan, RoPE table) is built before counting, as a warm run would have it.
@@ -115,6 +116,7 @@ class Counter:
         self.acc = {(p, il): dict.fromkeys(self.FIELDS, 0) for p in PHASES for il in (False, True)}
         self.time = {(p, d): [0.0, 0.0] for p in PHASES for d in DEVICES}  # (roofline s, modelled s)
         self.by_op = {p: {} for p in PHASES}
+        self.by_op_layer: dict = {}   # launches inside transformer layers, per op
         self.fast_ops: dict = {}
         self.no_flops: set = set()   # attention-like fast ops whose FLOPs could not be derived
         self.phase, self.layer_depth, self.layer_steps, self.suspended = "other", 0, 0, 0
@@ -151,6 +153,8 @@ class Counter:
         a["conv_flops"] += conv
         a["gemm_bytes" if gemm else "conv_bytes" if conv else "bytes"] += nbytes
         e = self.by_op[self.phase].setdefault(name, [0, 0, 0.0])  # launches, bytes, modelled H100 s
+        if self.layer_depth > 0:
+            self.by_op_layer[name] = self.by_op_layer.get(name, 0) + launches
         e[0] += launches
         e[1] += nbytes
         c = CEILINGS
@@ -243,8 +247,10 @@ class Recorder(TorchDispatchMode):
             c.track(_flat(out, []))
             return out
         key = None
-        if all(t.device.type == "meta" for t in ins):  # ops with CPU tensors have values: always run them
-            key = (func, _key(args, {}), _key(kwargs, {}))
+        # ops with CPU tensors have values, and an out= op may resize its output: always run those
+        if "out" not in kwargs and all(t.device.type == "meta" for t in ins):
+            ids: dict = {}
+            key = (func, _key(args, ids), _key(kwargs, ids))
             try:
                 hit = self.cache.get(key)
             except TypeError:  # an unhashable argument
@@ -301,15 +307,10 @@ def _arg(args, kwargs, i, name, default=None):
 
 
 def _find_ref(op: str):
-    """The torch reference of a fast op: var_rt.ops.<op>_ref (or <kernel fn>_ref), else <op>_ref in any loaded
-    var_rt module."""
+    """The torch reference of a fast op: var_rt.ops.<op>_ref, else <op>_ref in any loaded var_rt module."""
     from var_rt import ops
-    names = [f"{op}_ref"]
-    if op in getattr(ops, "TRITON_OPS", {}):
-        names.append(f"{ops.TRITON_OPS[op][-1]}_ref")
-    for n in names:
-        if callable(getattr(ops, n, None)):
-            return getattr(ops, n)
+    if callable(getattr(ops, f"{op}_ref", None)):
+        return getattr(ops, f"{op}_ref")
     for mod_name, mod in list(sys.modules.items()):
         if mod_name.startswith("var_rt") and mod is not None and callable(getattr(mod, f"{op}_ref", None)):
             return getattr(mod, f"{op}_ref")
@@ -371,12 +372,33 @@ def _cache_fraction(t: torch.Tensor, ctx: StepCtx | None, attention: bool) -> fl
     return 1.0
 
 
+def _zipar_launches(args, kwargs) -> int:
+    """The ZipAR kernel adds a combine launch when it splits the keys (flash-decoding); plan it as the launcher does
+    on a 132-SM GPU (H100 / H200), from the kernel module's own pure planning functions."""
+    from var_rt.kernels import zipar_attention as z
+    q, k = args[0], args[1]
+    N, H, Qn, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    rows = Qn * (H // Hkv)
+    block_m, block_n = z._tiles(q.dtype, rows, D)[:2]
+    n_keys = kwargs.get("n_keys") or L
+    splits, _ = z.plan_splits(N * Hkv * -(-rows // block_m), max(1, min(int(n_keys), L)), block_n, 132,
+                              kwargs.get("num_splits"))
+    return 2 if splits > 1 else 1
+
+
 def _attention_flops(c: Counter, op, args, kwargs):
     """4*N*H*D * (visible keys summed over queries), from the step context, else from (N, H, L, D) q and k;
     None when neither gives it."""
     if c.attn_ctx is not None:
         x = c.attn_ctx
         return 4 * x.N * x.H * x.D * x.visible
+    if op == "var_attention" and len(args) > 2 and args[0].dim() == 3 and args[1].dim() == 5:  # qkv, KV pool, start
+        (_, N, H, _, D), l, start = args[1].shape, args[0].shape[1], int(args[2])
+        vis = l * (start + l)
+        if _arg(args, kwargs, 4, "q_scale") is not None:
+            vis = _block_causal_visible(c.patch_nums, l) or vis
+        return 4 * N * H * D * vis
     ts = [t for t in _flat(args, []) if t.dim() == 4]
     if len(ts) >= 2:
         (N, H, Lq, D), Lk = ts[0].shape, ts[1].shape[2]
@@ -396,18 +418,6 @@ def _gemm_like(args):
                 if x is not w and x.dim() >= 2 and x.shape[-1] == w.shape[1]:
                     return 2 * x.numel() * w.shape[0]
     return 0
-
-
-def _signature(args, kwargs):
-    def sig(x):
-        if isinstance(x, torch.Tensor):
-            return ("T", tuple(x.shape), x.stride(), x.dtype, x.device.type)
-        if isinstance(x, (list, tuple)):
-            return (type(x).__name__, tuple(sig(y) for y in x))
-        if isinstance(x, dict):
-            return ("D", tuple((k, sig(v)) for k, v in x.items()))
-        return ("V", repr(x))
-    return sig(args), sig(kwargs)
 
 
 def _spec(out, ins, strided=False):
@@ -449,8 +459,12 @@ class FakeKernel:
         if rule is not None:
             return rule(args, kwargs), "shape rule"
         if self.ref is not None:
-            key = _signature(args, kwargs)
-            spec = self.specs.get(key)
+            ids: dict = {}
+            key = (_key(args, ids), _key(kwargs, ids))
+            try:
+                spec = self.specs.get(key)
+            except TypeError:  # an unhashable argument: run the reference every time
+                key = spec = None
             if spec is not None:  # seen with these shapes: rebuild the outputs (meta: the writes carry no values)
                 return _rebuild(spec, _flat(kwargs, _flat(args, []))), "reference"
             try:
@@ -459,7 +473,9 @@ class FakeKernel:
                 pass
             else:  # a kernel allocates its outputs contiguous (the reference may return a strided view)
                 ins = _flat(kwargs, _flat(args, []))
-                self.specs[key] = spec = _spec(out, ins)
+                spec = _spec(out, ins)
+                if key is not None:
+                    self.specs[key] = spec
                 return _rebuild(spec, ins), "reference"
         return _like_first(args, kwargs), "fallback: shape of the first tensor"
 
@@ -471,7 +487,7 @@ class FakeKernel:
             return out
         ins = _flat(kwargs, _flat(args, []))
         outs = _flat(out, [])
-        n = LAUNCHES_PER_CALL.get(self.op, 1)
+        n = _zipar_launches(args, kwargs) if self.op == "zipar_attention" else LAUNCHES_PER_CALL.get(self.op, 1)
         gemm = attn = conv = 0
         is_attn = bool(re.search(r"attention|attn", self.op))
         if is_attn:
@@ -514,14 +530,17 @@ def _sdpa_wrapper(c: Counter, orig):
 
 @contextlib.contextmanager
 def patched(counter: Counter):
-    """triton_fn / rvq_step_fn (in ops, _ext and any var_rt module that imported them by name) and
+    """The Triton gate (`var_rt.ops.triton_fn(op, device)`, or `var_rt.ops.dispatch.triton_fn(op, device, loader)`
+    once ops is a package), `var_rt._ext.rvq_step_fn` (also where any var_rt module imported them by name) and
     F.scaled_dot_product_attention replaced by recording fakes; all restored on exit."""
-    import var_rt.llamagen_pipeline  # noqa: F401  (load every module that may hold the names)
-    import var_rt.pipeline  # noqa: F401
+    import importlib
+    for name in ("var_rt.pipeline", "var_rt.llamagen_pipeline"):  # load every module that may hold the names
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
     from var_rt import _ext, ops
     fakes: dict = {}
 
-    def triton_fn(op, device=None):
+    def triton_fn(op, device=None, loader=None):
         if op not in fakes:
             fakes[op] = FakeKernel(counter, op)
         return fakes[op]
@@ -529,8 +548,11 @@ def patched(counter: Counter):
     def rvq_step_fn(device=None):
         return triton_fn("rvq_step")
 
-    subs = [(ops.triton_fn, triton_fn), (_ext.rvq_step_fn, rvq_step_fn),
-            (F.scaled_dot_product_attention, _sdpa_wrapper(counter, F.scaled_dot_product_attention))]
+    gates = {getattr(ops, "triton_fn", None), getattr(getattr(ops, "dispatch", None), "triton_fn", None)} - {None}
+    if not gates:
+        raise RuntimeError("cost_model: var_rt has neither ops.triton_fn nor ops.dispatch.triton_fn to patch")
+    subs = [(g, triton_fn) for g in gates] + [(_ext.rvq_step_fn, rvq_step_fn), (
+        F.scaled_dot_product_attention, _sdpa_wrapper(counter, F.scaled_dot_product_attention))]
     saved = []
     mods = [m for n, m in list(sys.modules.items()) if n.startswith("var_rt") and m is not None] + [F]
     for mod in mods:
@@ -546,6 +568,12 @@ def patched(counter: Counter):
             setattr(mod, attr, old)
 
 
+def fast_backend() -> str:
+    """The name var_rt gives its fast backend: "fast" (ops package), "triton" before."""
+    from var_rt import ops
+    return "fast" if "fast" in getattr(ops, "BACKENDS", ()) else "triton"
+
+
 # ---- building the pipelines on meta ---------------------------------------------------------------------------
 def build_var(var_cfg, vae_cfg, refiner_cfg=None, draft_steps=None, dtype=torch.bfloat16):
     from var_rt.models import var as var_model
@@ -557,8 +585,8 @@ def build_var(var_cfg, vae_cfg, refiner_cfg=None, draft_steps=None, dtype=torch.
         vae = vqvae_model.VQVAE(vae_cfg).eval().requires_grad_(False)
         vae.decoder.to(dtype)  # quantizer and post_quant_conv stay fp32, as loaded (KEEP_FP32)
     if ref is None and draft_steps is None:
-        return VARPipeline(vae, var=main, device="meta", backend="triton")
-    return VARPipeline(vae, drafter=main, refiner=ref, draft_steps=draft_steps, device="meta", backend="triton")
+        return VARPipeline(vae, var=main, device="meta", backend=fast_backend())
+    return VARPipeline(vae, drafter=main, refiner=ref, draft_steps=draft_steps, device="meta", backend=fast_backend())
 
 
 def build_llamagen(cfg, vq_cfg, dtype=torch.bfloat16):
@@ -568,7 +596,7 @@ def build_llamagen(cfg, vq_cfg, dtype=torch.bfloat16):
     gpt = gpt_model.build_meta(cfg).to(dtype).eval().requires_grad_(False)
     with torch.device("meta"):
         vq = vq16.VQ16(vq_cfg).eval().requires_grad_(False)  # fp32, as from_checkpoints loads it
-    return LlamaGenPipeline(gpt, vq, device="meta", backend="triton")
+    return LlamaGenPipeline(gpt, vq, device="meta", backend=fast_backend())
 
 
 def _layers(model) -> list:
@@ -619,7 +647,7 @@ def count(pipe, batch: int, zipar_window=None, track_memory=True, **sampling) ->
                         c.attn_ctx = None
                 return forward_tokens
             undo.append(_wrap(m, "forward_tokens", make))
-        undo.append(_wrap(pipe, "generate_latents", lambda f: _phased(c, "tokens", f)))
+        undo.append(_wrap(pipe, "_sample", lambda f: _phased(c, "tokens", f)))
         undo.append(_wrap(pipe.vae, "fhat_to_img", lambda f: _phased(c, "decode", f)))
         passes = sum(n for _, n in steps)
         sampling = {"cfg": 4.0, "top_k": 900, "top_p": 0.95, "temperature": 1.0, "seed": 0, **sampling}
@@ -630,7 +658,8 @@ def count(pipe, batch: int, zipar_window=None, track_memory=True, **sampling) ->
             pipe.kv_layers(2 * batch if cfg_scale > 1 else batch)
             pipe.gpt.rope_table(pipe.device)
         P, h = g.cls_token_num, g.grid
-        sched = zipar.sequential_schedule(h, h, P) if zipar_window is None else zipar.zipar_schedule(h, h, zipar_window, P)
+        sched = (zipar.sequential_schedule(h, h, P) if zipar_window is None
+                 else zipar.zipar_schedule(h, h, zipar_window, P))
         for p, s in zip(plan, sched):
             slots = [q.slot for q in s.queries]
             qs = getattr(getattr(p, "vis", None), "q_slot", None)
@@ -755,7 +784,7 @@ def report(name: str, batch: int, res: dict) -> dict:
         per = {p: c.time[(p, d)][1] for p in PHASES}
         t = sum(per.values())
         modelled[d] = {"ms": 1e3 * t, "img_per_s": batch / t if t else None,
-                       "tokens_ms": 1e3 * per["tokens"], "decode_ms": 1e3 * per["decode"], "other_ms": 1e3 * per["other"],
+                       **{f"{p}_ms": 1e3 * per[p] for p in PHASES},
                        "roofline_ms": 1e3 * sum(c.time[(p, d)][0] for p in PHASES)}
     return {
         "what": "var_rt cost model: launches, FLOPs and bytes counted on the meta device (fast backend); MODELLED "
@@ -765,13 +794,15 @@ def report(name: str, batch: int, res: dict) -> dict:
         "tree_dirty": bool(_git(root, "status", "--porcelain", "--", "var_rt", "kernels", "csrc")),
         "var_rt_path": os.path.dirname(os.path.abspath(var_rt.__file__)),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "torch": torch.__version__, "backend": "triton",
+        "torch": torch.__version__, "backend": fast_backend(),
         "sampling": {k: v for k, v in res["sampling"].items() if k != "seed"},
         "steps": res["steps"], "layers_x_steps": res["layers_x_steps"], "layer_steps": c.layer_steps,
         "launches": {"total": tot["launches"], **{p: ph[p]["launches"] for p in PHASES}},
         "h2d_copies": tot["h2d"],
         "launches_in_layers": in_layers,
         "launches_per_layer_step": in_layers / c.layer_steps if c.layer_steps else None,
+        "layer_step_ops": {k: round(v / c.layer_steps, 3)
+                           for k, v in sorted(c.by_op_layer.items(), key=lambda kv: -kv[1])} if c.layer_steps else {},
         "graph_nodes": ph["tokens"]["launches"],
         "flops": {"gemm": tot["gemm_flops"], "attention": tot["attn_flops"], "conv": tot["conv_flops"],
                   "by_phase": {p: {"gemm": ph[p]["gemm_flops"], "attention": ph[p]["attn_flops"],
@@ -826,7 +857,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", choices=list(CONFIGS))
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--all", action="store_true", help="every config at batch 1 and 64 (LlamaGen 1 and 8), JSON to --out-dir")
+    p.add_argument("--all", action="store_true",
+                   help="every config at batch 1 and 64 (LlamaGen 1 and 8), JSON to --out-dir")
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cost"))
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory tracking")

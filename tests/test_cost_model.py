@@ -133,30 +133,36 @@ def test_counting_rules():
     assert a["bytes"] == 2 * x.numel() * 2 + 2 * x.numel() * 2  # x + 1: x, y; y += x: y once, x
 
 
+def triton_gate():
+    """var_rt's Triton gate: ops.triton_fn (one ops module) or ops.dispatch.triton_fn (ops package)."""
+    return getattr(ops, "triton_fn", None) or ops.dispatch.triton_fn
+
+
 def test_fakes_are_generic():
     c = cm.Counter()
     from var_rt import _ext
-    originals = (ops.triton_fn, _ext.rvq_step_fn, torch.nn.functional.scaled_dot_product_attention)
+    originals = (triton_gate(), _ext.rvq_step_fn, torch.nn.functional.scaled_dot_product_attention)
+    meta = torch.device("meta")
     with torch.device("meta"):
         x = torch.empty(2, 5, 16)
         w = torch.empty(24, 16)
         logits = torch.empty(6, 4, 48, dtype=torch.bfloat16)
         seeds = torch.empty(3, dtype=torch.int64)
     with cm.patched(c), cm.Recorder(c):
-        out = ops.triton_fn("brand_new_op", torch.device("meta"))(x, w)  # unknown, no reference: counted anyway
+        out = triton_gate()("brand_new_op", meta)(x, w)  # unknown, no reference: counted anyway
         assert out.shape == x.shape
-        y = ops.triton_fn("fused_linear_thing", torch.device("meta"))(x, w)
-        sample = ops.triton_fn("sample_tokens", torch.device("meta"))  # shape rule: (B, l), B halved by CFG
+        y = triton_gate()("fused_linear_thing", meta)(x, w)
+        sample = triton_gate()("sample_tokens", meta)  # shape rule: (B, l), B halved by CFG
         tok = sample(logits, seeds, 0, 10, 0.9, 1.0, guidance=1.5)
         assert tok.shape == (3, 4) and tok.dtype == torch.int64 and tok.device.type == "meta"
         assert sample(logits, seeds, 0, 10, 0.9, 1.0).shape == (6, 4)
-        assert _ext.rvq_step_fn(torch.device("meta")) is not None
+        assert _ext.rvq_step_fn(meta) is not None
     assert isinstance(y, torch.Tensor)
     a = c.acc[("other", False)]
     assert a["launches"] == 4
     assert a["gemm_flops"] == 2 * 10 * 16 * 24
     assert c.by_op["other"]["fast.brand_new_op"][1] == (2 * x.numel() + w.numel()) * 4
-    assert (ops.triton_fn, _ext.rvq_step_fn, torch.nn.functional.scaled_dot_product_attention) == originals
+    assert (triton_gate(), _ext.rvq_step_fn, torch.nn.functional.scaled_dot_product_attention) == originals
 
 
 def test_cli_json_and_table():
@@ -171,11 +177,24 @@ def test_cli_json_and_table():
     assert {"total", "tokens", "decode"} <= set(r["launches"]) and {"gemm", "attention", "conv"} <= set(r["flops"])
     assert "non_gemm" in r["bytes"] and r["graph_nodes"] == r["launches"]["tokens"]
     assert "MODELLED" in r["model"]["formula"] and r["model"]["ceilings"]["hbm_TBps"] == {"H100": 3.35, "H200": 4.8}
-    for d in ("H100", "H200"):
-        assert r["modelled"][d]["ms"] > 0 and r["modelled"][d]["img_per_s"] == pytest.approx(2e3 / r["modelled"][d]["ms"])
+    for m in r["modelled"].values():
+        assert m["ms"] > 0 and m["img_per_s"] == pytest.approx(2e3 / m["ms"])
     assert r["modelled"]["H200"]["ms"] <= r["modelled"]["H100"]["ms"]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         cm.main(["--config", "tiny-var", "--batch", "1"])
     text = buf.getvalue()
     assert "MODELLED" in text and "not measurements" in text.lower() and "model:" in text
+
+
+def test_attention_flops_without_step_context():
+    """Outside an engine step the FLOPs come from the kernel's arguments: both VAR attention signatures."""
+    c = cm.Counter()
+    N, H, l, D, start = 4, 2, 5, 16, 10
+    with torch.device("meta"):
+        q, k = torch.empty(N, H, l, D), torch.empty(N, H, start + l, D)           # (q, k, v, scale_mul, ...)
+        qkv, kv = torch.empty(N, l, 3 * H * D), torch.empty(2, N, H, 30, D)       # (qkv, kv pool, start, ...)
+    want = 4 * N * H * D * l * (start + l)
+    assert cm._attention_flops(c, "var_attention", (q, k, k, None), {}) == want
+    assert cm._attention_flops(c, "var_attention", (qkv, kv, start, None), {}) == want
+    assert cm._attention_flops(c, "some_attention", (qkv,), {}) is None            # unknown: reported, not guessed

@@ -14,7 +14,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def test_greedy_tokens_and_images_match_reference():
     var, vae = tiny_var(depth=3), tiny_vae()
     ref = VARPipeline(vae, var=var, backend="torch")
-    fast = VARPipeline(vae, var=var, backend="triton")
+    fast = VARPipeline(vae, var=var, backend="fast")
     a = ref([1, 5, 9], cfg=3.0, top_k=1, seed=0)
     b = fast([1, 5, 9], cfg=3.0, top_k=1, seed=0)
     for s, (x, y) in enumerate(zip(ref.last_tokens, fast.last_tokens)):
@@ -24,8 +24,8 @@ def test_greedy_tokens_and_images_match_reference():
 
 def test_fast_path_is_deterministic_and_code_invariant_holds():
     var, vae = tiny_var(depth=2), tiny_vae()
-    single = VARPipeline(vae, var=var, backend="triton")
-    code = VARPipeline(vae, drafter=var, refiner=var, draft_steps=2, backend="triton")
+    single = VARPipeline(vae, var=var, backend="fast")
+    code = VARPipeline(vae, drafter=var, refiner=var, draft_steps=2, backend="fast")
     kw = dict(cfg=2.0, top_k=20, top_p=0.9, seed=4)
     a, a2 = single([2, 3], **kw), single([2, 3], **kw)
     assert torch.equal(a, a2)
@@ -38,7 +38,7 @@ def test_fast_path_is_deterministic_and_code_invariant_holds():
 def _real_size_pair(depth=16, dtype="bf16"):
     ref = VARPipeline.random(depth, device="cuda", dtype="fp32")
     fast = VARPipeline.random(depth, device="cuda", dtype=dtype)
-    fast.backend, ref.backend = "triton", "torch"
+    fast.backend, ref.backend = "fast", "torch"
     return ref, fast
 
 
@@ -72,7 +72,7 @@ def test_cuda_per_scale_logits_close_to_fp32_reference():
         with ops.use_backend("torch"):
             mr = ref.models["main"]
             lr = mr.logits(mr.forward_tokens(mr.scale_input(s, ref._state, rows), ref._state, kv_r, b)).float()
-        with ops.use_backend("triton"):
+        with ops.use_backend("fast"):
             mf = fast.models["main"]
             lf = mf.logits(mf.forward_tokens(mf.scale_input(s, fast._state, rows), fast._state, kv_f, b)).float()
         rel = (lf - lr).norm() / lr.norm()
@@ -83,7 +83,7 @@ def test_cuda_per_scale_logits_close_to_fp32_reference():
 @cuda
 def test_cuda_graph_replay_equals_eager_and_is_deterministic():
     pipe = VARPipeline.random(16, refiner_depth=16, draft_steps=6, device="cuda", dtype="bf16")
-    pipe.backend = "triton"
+    pipe.backend = "fast"
     pipe.use_graphs = False
     eager = pipe([1, 2, 3], seed=0)
     eager_tokens = [t.clone() for t in pipe.last_tokens]
@@ -101,7 +101,7 @@ def test_cuda_graph_replay_equals_eager_and_is_deterministic():
 def test_cuda_llamagen_graph_replay_equals_eager():
     from var_rt.llamagen_pipeline import LlamaGenPipeline
     pipe = LlamaGenPipeline.random("B", image_size=256, device="cuda", dtype="bf16")
-    pipe.backend = "triton"
+    pipe.backend = "fast"
     pipe.use_graphs = False
     eager = pipe.generate_tokens([1, 2], top_k=2000, top_p=1.0, seed=0, zipar_window=4).clone()
     pipe.use_graphs = True

@@ -55,11 +55,11 @@ def test_torch_run_first_does_not_disable_later_fast_runs(monkeypatch):
         out = cache.run(("b2", "torch"), fn, LAB, SEEDS, backend="torch")
     assert calls == [1] and captured == [] and torch.equal(out[0], LAB * 10)
     assert cache.disabled_reason is None and cache.last_mode.startswith("eager") and "torch" in cache.last_mode
-    out = cache.run(("b2", "triton"), fn, LAB, SEEDS, backend="triton")  # the bug: this ran eagerly too
-    assert captured == [("b2", "triton")] and cache.last_mode == "graph" and calls == [1]
+    out = cache.run(("b2", "fast"), fn, LAB, SEEDS, backend="fast")  # the bug: this ran eagerly too
+    assert captured == [("b2", "fast")] and cache.last_mode == "graph" and calls == [1]
     assert torch.equal(out[0], LAB * 10)
-    cache.run(("b2", "triton"), fn, LAB, SEEDS, backend="triton")  # replayed, not captured again
-    assert captured == [("b2", "triton")] and cache.graphs[("b2", "triton")].graph.replays == 2
+    cache.run(("b2", "fast"), fn, LAB, SEEDS, backend="fast")  # replayed, not captured again
+    assert captured == [("b2", "fast")] and cache.graphs[("b2", "fast")].graph.replays == 2
 
 
 def test_backend_defaults_to_the_callers_use_backend(monkeypatch):
@@ -69,7 +69,7 @@ def test_backend_defaults_to_the_callers_use_backend(monkeypatch):
     with ops.use_backend("torch"):
         cache.run("k", fn, LAB, SEEDS)
     assert calls == [1] and captured == [] and cache.disabled_reason is None
-    with ops.use_backend("triton"):
+    with ops.use_backend("fast"):
         cache.run("k", fn, LAB, SEEDS)
     assert captured == ["k"] and cache.last_mode == "graph"
 
@@ -78,11 +78,11 @@ def test_capture_failure_disables_with_one_warning(monkeypatch):
     cache, _ = _cache(monkeypatch, fail=True)
     fn, calls = _eager_calls()
     with pytest.warns(RuntimeWarning, match="capture failed") as rec:
-        cache.run("k", fn, LAB, SEEDS, backend="triton")
+        cache.run("k", fn, LAB, SEEDS, backend="fast")
     assert len(rec) == 1 and calls == [1] and "RuntimeError" in cache.disabled_reason
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # later runs: eager, silently
-        cache.run("k2", fn, LAB, SEEDS, backend="triton")
+        cache.run("k2", fn, LAB, SEEDS, backend="fast")
         cache.run("k3", fn, LAB, SEEDS, backend="torch")
     assert calls == [1, 1, 1] and cache.last_mode.startswith("eager: capture failed")
 
@@ -90,7 +90,7 @@ def test_capture_failure_disables_with_one_warning(monkeypatch):
 def test_cpu_device_is_always_eager():
     cache = graphs.GraphCache("cpu")
     fn, calls = _eager_calls()
-    cache.run("k", fn, LAB, SEEDS, backend="triton")
+    cache.run("k", fn, LAB, SEEDS, backend="fast")
     assert calls == [1] and cache.disabled_reason == "not a CUDA device" and not cache.graphs
 
 
@@ -108,7 +108,7 @@ def test_cuda_torch_run_first_then_fast_run_replays_a_graph():
     pipe.backend = "torch"
     pipe.generate_latents([1, 2], seed=0)
     assert pipe._graphs.last_mode.startswith("eager") and pipe._graphs.disabled_reason is None
-    pipe.backend = "triton"
+    pipe.backend = "fast"
     a = pipe.generate_latents([1, 2], seed=0).clone()  # capture
     b = pipe.generate_latents([1, 2], seed=0)  # replay
     assert pipe._graphs.last_mode == "graph" and pipe._graphs.disabled_reason is None

@@ -14,8 +14,6 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def test_kernels_compile_for_sm90_and_sm80():
     pytest.importorskip("triton")
@@ -29,11 +27,7 @@ def test_kernels_compile_for_sm90_and_sm80():
 
 # ----------------------------------------------------------------------------------------------------------------
 def _modules():
-    try:
-        return [importlib.import_module(f"var_rt.kernels.{m}") for m in ("attention", "adaln", "resample", "sampling")]
-    except ModuleNotFoundError:
-        sys.path.insert(0, ROOT)
-        return [importlib.import_module(f"kernels.{m}") for m in ("attention", "adaln", "resample", "sampling")]
+    return [importlib.import_module(f"var_rt.kernels.{m}") for m in ("attention", "adaln", "resample", "sampling")]
 
 
 def _type(v, torch):
@@ -77,7 +71,7 @@ def main(full: bool) -> int:
     import triton
     try:
         attention, adaln, resample, sampling = _modules()
-        groupnorm = importlib.import_module(adaln.__name__.rsplit(".", 1)[0] + ".groupnorm")
+        from var_rt.kernels import groupnorm
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.backends.nvidia import compiler as _nv  # noqa: F401
     except Exception as e:  # pragma: no cover - a triton without the CUDA backend

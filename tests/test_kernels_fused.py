@@ -122,12 +122,12 @@ def test_ops_takes_the_kernel_for_channels_last(monkeypatch):
     x, w, b = _gn_inputs((1, 64, 3, 5), 6, layout="nhwc")
     want = ops.group_norm_silu_ref(x, w, b, 32)
     monkeypatch.setattr(ops, "group_norm_silu_ref", lambda *a, **k: pytest.fail("reference used"))
-    got = ops.group_norm_silu(x, w, b, 32, backend="triton")
+    got = ops.group_norm_silu(x, w, b, 32, backend="fast")
     assert got.is_contiguous(memory_format=CL)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
     monkeypatch.undo()
     xt = x.permute(0, 1, 3, 2)  # neither layout: the reference
-    torch.testing.assert_close(ops.group_norm_silu(xt, w, b, 32, backend="triton"),
+    torch.testing.assert_close(ops.group_norm_silu(xt, w, b, 32, backend="fast"),
                                ops.group_norm_silu_ref(xt, w, b, 32))
 
 
@@ -160,7 +160,7 @@ def _run_checked(model, decode, monkeypatch):
         for ref in ("group_norm_silu_ref", "residual_group_norm_silu_ref"):
             mp.setattr(ops, ref, lambda *a, **k: pytest.fail("GroupNorm fell back to the reference"))
         mp.setattr(torch.nn.GroupNorm, "forward", lambda *a, **k: pytest.fail("nn.GroupNorm on the fast path"))
-        with ops.use_backend("triton"):
+        with ops.use_backend("fast"):
             img = decode()
     for h in hooks + [m_out]:
         h.remove()

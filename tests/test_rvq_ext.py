@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from var_rt import _ext, ops
+from var_rt.models.vqvae import phi_index
 
 _C = _ext.load()
 needs_C = pytest.mark.skipif(_C is None, reason=f"var_rt._C not importable: {_ext.load_error()}")
@@ -37,7 +38,7 @@ def _run_sequence(step, pns, B, Cv, V, resi, device="cpu", seed=0):
     for si, pn in enumerate(pns):
         idx = torch.randint(0, V, (B, pn * pn), generator=g)
         pn_next = pns[si + 1] if si + 1 < len(pns) else None
-        w, b = phis[ops.phi_index(si, len(pns), len(phis))]
+        w, b = phis[phi_index(si, len(pns), len(phis))]
         nxt_ref = ops.rvq_step_ref(idx, codebook, w, b, f_ref, pn, pn_next, resi)
         nxt_ref = None if nxt_ref is None else nxt_ref.clone()  # pn_next == H: the ref returns a view of f_hat
         nxt = step(idx.to(device), codebook.to(device), w.to(device), b.to(device), f_ext, pn, pn_next, resi)
@@ -144,9 +145,9 @@ def test_ops_dispatch_uses_extension_on_cpu():
     idx = torch.randint(0, V, (B, 36))
     f_ref, f_ext = torch.zeros(B, Cv, H, H), torch.zeros(B, Cv, H, H)
     r = ops.rvq_step(idx, codebook, w, b, f_ref, 6, 8, backend="torch")
-    got = ops.rvq_step(idx, codebook, w, b, f_ext, 6, 8, backend="cuda")  # any non-torch backend routes to _C
+    got = ops.rvq_step(idx, codebook, w, b, f_ext, 6, 8, backend="fast")  # the fast backend routes to _C (on the CPU too)
     assert got.is_contiguous() and (got - r).abs().max().item() <= TOL
-    assert _ext.describe("cpu", "cuda") == ("cpp", "_C CPU loop")
+    assert _ext.describe("cpu", "fast") == ("cpp", "_C CPU loop")
     assert _ext.describe("cpu", "torch")[0] == "torch"
 
 
@@ -219,9 +220,9 @@ def test_raw_binding_rejects_bad_sizes():
 def test_load_and_describe_never_raise():
     m = _ext.load()
     assert (m is None) == (_ext.load_error() is not None)
-    name, why = _ext.describe("cpu", "triton")
+    name, why = _ext.describe("cpu", "fast")
     assert name in ("cpp", "torch") and why
-    name, why = _ext.describe("cuda", "triton")
+    name, why = _ext.describe("cuda", "fast")
     assert name in ("cuda", "torch") and why
     assert isinstance(_ext.has_cuda_code(), bool)
 
@@ -238,7 +239,7 @@ def test_cuda_device_count_is_safe_and_fallback_warns_once():
         assert _ext.rvq_step_fn(torch.device("cuda", 0)) is None
     msgs = [str(w.message) for w in rec if "rvq_step" in str(w.message)]
     assert len(msgs) == 1 and "torch reference" in msgs[0]
-    assert _ext.describe("cuda", "cuda")[0] == "torch"
+    assert _ext.describe("cuda", "fast")[0] == "torch"
 
 
 @needs_C
@@ -265,7 +266,7 @@ cuda_ok = pytest.mark.skipif(not (torch.cuda.is_available() and _ext.has_cuda_co
 @pytest.mark.parametrize("B", [1, 7])
 def test_cuda_matches_reference(name, B):
     fn = _ext.rvq_step_fn("cuda")
-    assert fn is not None, _ext.describe("cuda", "cuda")
+    assert fn is not None, _ext.describe("cuda", "fast")
     for si, d_f, d_n in _run_sequence(fn, PATCH_NUMS[name], B, 32, V=37, resi=0.5, device="cuda"):
         assert d_f <= TOL, f"{name} scale {si}: f_hat differs by {d_f}"
         assert d_n <= TOL, f"{name} scale {si}: next input differs by {d_n}"
@@ -287,7 +288,7 @@ def test_cuda_graph_capture_replay():
         f_hat.zero_()
         for si, pn in enumerate(pns):
             pn_next = pns[si + 1] if si + 1 < len(pns) else None
-            w, b = phis[ops.phi_index(si, len(pns), 4)]
+            w, b = phis[phi_index(si, len(pns), 4)]
             _ext.rvq_step_cuda(idx[si], codebook, w, b, f_hat, pn, pn_next, 0.5, scratch=scratch,
                                out=outs[si] if pn_next else None)
 
@@ -311,7 +312,7 @@ def test_cuda_graph_capture_replay():
         cb, ph = codebook.cpu(), [(w.cpu(), b.cpu()) for w, b in phis]
         for si, pn in enumerate(pns):
             pn_next = pns[si + 1] if si + 1 < len(pns) else None
-            w, b = ph[ops.phi_index(si, len(pns), 4)]
+            w, b = ph[phi_index(si, len(pns), 4)]
             r = ops.rvq_step_ref(host_idx[si], cb, w, b, f_ref, pn, pn_next, 0.5)
             if r is not None:
                 r = r.clone()

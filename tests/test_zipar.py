@@ -151,7 +151,7 @@ def _visible_sets_from_attention(fn, p, h, P=1):
     return [set(torch.nonzero(row > 1e-6).flatten().tolist()) for row in o]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "fast"])
 @pytest.mark.parametrize("h,w", [(5, 1), (5, 2), (6, 3), (5, 5)])
 def test_attention_sees_exactly_the_visible_set(backend, h, w):
     if backend == "torch":
@@ -189,7 +189,7 @@ def test_zipar_tokens_same_with_reference_and_triton_attention():
     from var_rt.llamagen_pipeline import LlamaGenPipeline
     cfg = LlamaGenConfig(dim=32, n_layer=2, n_head=2, vocab_size=48, num_classes=6, grid=6)
     ref = LlamaGenPipeline.random(cfg, std=0.3, backend="torch")
-    fast = LlamaGenPipeline(ref.gpt, ref.vq, backend="triton")
+    fast = LlamaGenPipeline(ref.gpt, ref.vq, backend="fast")
     kw = dict(cfg=3.0, top_k=20, top_p=0.9, seed=5, zipar_window=2)
     a = ref.generate_tokens([3], **kw)
     b = fast.generate_tokens([3], **kw)
@@ -202,7 +202,7 @@ def test_fast_path_full_window_equals_sequential():
     pytest.importorskip("var_rt.kernels.zipar_attention")
     from var_rt.llamagen_pipeline import LlamaGenPipeline
     cfg = LlamaGenConfig(dim=32, n_layer=1, n_head=2, vocab_size=48, num_classes=6, grid=4)
-    fast = LlamaGenPipeline.random(cfg, std=0.3, backend="triton")
+    fast = LlamaGenPipeline.random(cfg, std=0.3, backend="fast")
     kw = dict(cfg=3.0, top_k=20, top_p=1.0, seed=1)
     seq = fast.generate_tokens([2], **kw).clone()
     assert torch.equal(fast.generate_tokens([2], zipar_window=4, **kw), seq)

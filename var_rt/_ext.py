@@ -2,8 +2,8 @@
 
 _C takes raw pointers, sizes and a CUDA stream handle and knows nothing about torch, so every check happens here:
 dtypes (fp32 f_hat / codebook / Phi weights, int64 ids), shapes, devices and contiguity, each failing with a
-ValueError that names the argument. ops.rvq_step calls `rvq_step_fn(f_hat.device)`; a None there means the torch
-reference runs (after one warning saying why).
+ValueError that names the argument. ops.rvq_step (var_rt/ops/rvq.py) calls `rvq_step_fn(f_hat.device)`; a None
+there means the torch reference runs (after one warning saying why).
 """
 from __future__ import annotations
 
@@ -192,8 +192,8 @@ def rvq_step_fn(device):
 
 
 def describe(device, chosen_backend: str | None = None):
-    """(backend that runs rvq_step on `device`, why), for `var-rt info`. chosen_backend is ops' pick
-    ("torch" | "triton" | "cuda"); any non-torch pick routes rvq_step to _C."""
+    """(implementation that runs rvq_step on `device`: "torch" | "cpp" | "cuda", why), for `var-rt info`
+    (ops.rvq's describer). chosen_backend is ops' pick ("torch" | "fast"); any non-torch pick routes rvq_step to _C."""
     device = torch.device(device)
     if chosen_backend == "torch":
         return ("torch", "reference (backend torch chosen)")

@@ -7,42 +7,16 @@ from var_rt import ops
 from var_rt.loaders import load_var, load_vqvae
 from var_rt.models import var as var_model
 from var_rt.models import vqvae as vqvae_model
-from var_rt.runtime.engine import PRESETS, SamplingParams, run_var
-from var_rt.runtime.graphs import GraphCache
+from var_rt.pipeline_base import (PipelineBase, SamplingSettings, check_class_labels, check_seeds, image_seeds,
+                                  resolve_dtype)
 from var_rt.runtime.kv_pool import KVPool
 from var_rt.runtime.schedule import var_schedule
+from var_rt.runtime.var import PRESETS, run_var
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-
-
-def resolve_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {sorted(set(DTYPES))}")
-    return DTYPES[dtype]
+__all__ = ["VARPipeline", "PRESETS", "SamplingSettings", "resolve_dtype", "image_seeds", "check_class_labels"]
 
 
-def image_seeds(seed: int, indices) -> torch.Tensor:
-    """Per-image seeds: a function of (global seed, image index) only."""
-    return torch.tensor([ops.mix_seed(int(seed), int(i)) for i in indices], dtype=torch.int64)
-
-
-def check_class_labels(class_labels, num_classes: int) -> torch.Tensor:
-    """(B,) int64 class ids, or a ValueError naming what is wrong (empty, not integers, out of range)."""
-    labels = torch.as_tensor(list(class_labels) if not torch.is_tensor(class_labels) else class_labels).flatten()
-    if labels.numel() == 0:
-        raise ValueError("class_labels is empty: give at least one class id")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"class ids must be integers, got {labels.dtype}")
-    bad = [int(x) for x in labels if not 0 <= int(x) < num_classes]
-    if bad:
-        raise ValueError(f"class ids {bad} outside [0, {num_classes})")
-    return labels.long()
-
-
-class VARPipeline:
+class VARPipeline(PipelineBase):
     """VAR sampling; with a drafter and a refiner, CoDe. Images come back as (B, 3, H, W) floats in [0, 1]."""
 
     def __init__(self, vae, var=None, drafter=None, refiner=None, draft_steps=None, device="cpu", backend=None):
@@ -50,7 +24,8 @@ class VARPipeline:
             raise ValueError("give either var= (plain VAR) or drafter= and refiner= (CoDe), not both")
         if var is None and drafter is None:
             raise ValueError("no model: give var= or drafter= (+ refiner= and draft_steps=)")
-        self.vae, self.device, self.backend = vae, torch.device(device), backend
+        self.vae = vae
+        self._init_base(device, backend)
         if var is not None:
             self.models = {"main": var}
             self.draft_steps = None
@@ -66,12 +41,8 @@ class VARPipeline:
             self.draft_steps = draft_steps
         self._check_compatible()
         self.schedule = var_schedule(len(self.cfg.patch_nums), self.draft_steps)
-        self.last_tokens, self.last_stats = None, {}
-        self._pools: dict = {}
-        self.use_graphs = self.device.type == "cuda"
         if self.device.type == "cuda":  # the VQVAE decoder's convs: let cuDNN pick its fastest algorithms
             torch.backends.cudnn.benchmark = True
-        self._graphs = None
 
     @property
     def cfg(self) -> var_model.VARConfig:
@@ -102,11 +73,11 @@ class VARPipeline:
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
     def from_checkpoints(cls, var=None, vae=None, drafter=None, refiner=None, draft_steps=None, device="cpu",
-                         dtype="bf16", backend=None) -> "VARPipeline":
+                         dtype=None, backend=None) -> "VARPipeline":
+        """dtype None: bf16 on CUDA, fp32 on the CPU (as the command line)."""
         if vae is None:
             raise ValueError("vae= (vae_ch160v4096z32.pth) is required")
-        dt = resolve_dtype(dtype)
-        kw = dict(device=device, dtype=dt)
+        kw = dict(device=device, dtype=resolve_dtype(dtype, device))
         vq = load_vqvae(vae, **kw)
         if var is not None:
             return cls(vq, var=load_var(var, **kw), device=device, backend=backend)
@@ -117,56 +88,58 @@ class VARPipeline:
         return cls(vq, drafter=d, refiner=r, draft_steps=draft_steps, device=device, backend=backend)
 
     @classmethod
-    def random(cls, depth=16, refiner_depth=None, draft_steps=None, vae_cfg=None, device="cpu", dtype="fp32",
-               seed=0, **var_kw) -> "VARPipeline":
-        """Random weights (no files): `depth` is an official depth or a VARConfig; for tests and benchmarks."""
-        dt = resolve_dtype(dtype)
+    def random(cls, depth=16, refiner_depth=None, draft_steps=None, vae_cfg=None, device="cpu", dtype=None,
+               seed=0, backend=None, **var_kw) -> "VARPipeline":
+        """Random weights (no files): `depth` is an official depth or a VARConfig; for tests and benchmarks.
+        dtype None: bf16 on CUDA, fp32 on the CPU."""
+        dt = resolve_dtype(dtype, device)
 
         def build(d, s):
             cfg = d if isinstance(d, var_model.VARConfig) else var_model.VARConfig.official(d, **var_kw)
-            return var_model.init_random_(var_model.VAR(cfg), s).to(device=device, dtype=dt).eval().requires_grad_(False)
+            m = var_model.init_random_(var_model.VAR(cfg), s).to(device=device, dtype=dt)
+            return m.eval().requires_grad_(False)
         vae = vqvae_model.init_random_(vqvae_model.VQVAE(vae_cfg or vqvae_model.VQVAEConfig()), seed)
         vae = vae.to(device).eval().requires_grad_(False)
         vae.decoder.to(dt)
         if refiner_depth is None and draft_steps is None:
-            return cls(vae, var=build(depth, seed), device=device)
+            return cls(vae, var=build(depth, seed), device=device, backend=backend)
         d = build(depth, seed)
         r = build(refiner_depth, seed + 1) if refiner_depth is not None else None
-        return cls(vae, drafter=d, refiner=r, draft_steps=draft_steps, device=device)
+        return cls(vae, drafter=d, refiner=r, draft_steps=draft_steps, device=device, backend=backend)
 
     # ---- sampling -----------------------------------------------------------------------------------------------
-    def check_labels(self, class_labels) -> torch.Tensor:
-        return check_class_labels(class_labels, self.num_classes)
-
     def prepare_graphs(self, batch_sizes, **sampling) -> None:
         """Capture CUDA graphs ahead of time, largest batch first (they share one memory pool)."""
         for b in sorted(set(batch_sizes), reverse=True):
             self.generate_latents([0] * b, **sampling)
 
     def kv_pool(self, batch: int) -> KVPool:
-        """One arena per batch size; CoDe's refiner reuses the drafter's bytes. Captured graphs point into their
-        arenas, so with graphs every batch size keeps its own; without, only the latest is kept."""
-        pools = self._pools
-        if batch not in pools:
-            if not self.use_graphs:
-                pools.clear()
-            shapes = {name: [m.kv_shape(2 * batch)] * m.cfg.depth for name, m in self.models.items()}
-            dtype = next(iter(self.models.values())).head.weight.dtype
-            try:
-                pools[batch] = KVPool(shapes, dtype, self.device, share=True)
-            except torch.cuda.OutOfMemoryError:
-                need = max(KVPool.bytes_needed(shapes, dtype).values()) / 2**30
-                raise MemoryError(f"batch {batch} is too large: its KV cache alone needs {need:.1f} GiB; "
-                                  "use a smaller batch") from None
-        return pools[batch]
+        """The arena of a batch (2B rows per model); CoDe's refiner reuses the drafter's bytes."""
+        return self._kv_pool(batch, lambda: {name: [m.kv_shape(2 * batch)] * m.cfg.depth
+                                             for name, m in self.models.items()},
+                             next(iter(self.models.values())).head.weight.dtype, share=True)
+
+    def sampling_settings(self, cfg=4.0, top_k=900, top_p=0.95, temperature=1.0, preset=None) -> SamplingSettings:
+        """The validated settings of a call: scalars or one value per scale; a preset ('code-eval', 'var-demo')
+        overrides the four values."""
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ValueError(f"preset {preset!r}: expected one of {sorted(PRESETS)}")
+            cfg, top_k, top_p, temperature = (PRESETS[preset][k] for k in ("cfg", "top_k", "top_p", "temperature"))
+        return SamplingSettings.build(cfg, top_k, top_p, temperature, steps=len(self.cfg.patch_nums))
 
     @torch.no_grad()
     def __call__(self, class_labels, cfg=4.0, top_k=900, top_p=0.95, temperature=1.0, seed=0, seeds=None,
                  preset=None, progress=False) -> torch.Tensor:
         """Sample one image per class label. Same seed (or per-image `seeds`) -> same images.
-        cfg, top_k, top_p, temperature: scalars or lists of one value per scale. preset: 'code-eval' or
-        'var-demo' (overrides the sampling settings). Returns (B, 3, H, W) float32 in [0, 1]."""
-        f_hat = self.generate_latents(class_labels, cfg, top_k, top_p, temperature, seed, seeds, preset, progress)
+        cfg, top_k, top_p, temperature: scalars or lists of one value per scale (rules: SamplingSettings).
+        preset: 'code-eval' or 'var-demo' (overrides the sampling settings). Returns (B, 3, H, W) float32 in [0, 1]."""
+        return self.decode(self.generate_latents(class_labels, cfg, top_k, top_p, temperature, seed, seeds, preset,
+                                                 progress))
+
+    @torch.no_grad()
+    def decode(self, f_hat) -> torch.Tensor:
+        """f_hat (B, Cvae, h, w) -> images (B, 3, H, W) float32 in [0, 1], on this pipeline's backend."""
         with ops.use_backend(self.backend):
             return self.vae.fhat_to_img(f_hat)
 
@@ -174,37 +147,20 @@ class VARPipeline:
     def generate_latents(self, class_labels, cfg=4.0, top_k=900, top_p=0.95, temperature=1.0, seed=0, seeds=None,
                          preset=None, progress=False) -> torch.Tensor:
         """Tokens only: the final f_hat (B, Cvae, h, w) fp32; token ids of every scale in `last_tokens`."""
-        if preset is not None:
-            if preset not in PRESETS:
-                raise ValueError(f"preset {preset!r}: expected one of {sorted(PRESETS)}")
-            cfg, top_k, top_p, temperature = (PRESETS[preset][k] for k in ("cfg", "top_k", "top_p", "temperature"))
-        K = len(self.cfg.patch_nums)
-        params = SamplingParams.build(K, cfg, top_k, top_p, temperature)
+        params = self.sampling_settings(cfg, top_k, top_p, temperature, preset)
         labels = self.check_labels(class_labels)
         B = labels.numel()
-        seeds = image_seeds(seed, range(B)) if seeds is None else torch.as_tensor(seeds, dtype=torch.int64).flatten()
-        if seeds.numel() != B:
-            raise ValueError(f"{seeds.numel()} seeds for {B} images")
+        seeds = check_seeds(B, seed, seeds)
         pool = self.kv_pool(B)
         labels, seeds = labels.to(self.device), seeds.to(self.device)
-        with ops.use_backend(self.backend):
-            if self.use_graphs:  # one captured generation per (batch, settings); eager where capture is impossible
-                if self._graphs is None:
-                    self._graphs = GraphCache(self.device)
-                key = (B, repr(params), ops.default_backend(self.device))
-                run = lambda lab, sd: run_var(self.models, self.vae, self.schedule, lab, sd, params, pool)  # noqa: E731
-                f_hat, tokens = self._graphs.run(key, run, labels, seeds, backend=key[2])  # eager if torch
-            else:
-                bar = None
-                if progress:
-                    from tqdm import tqdm
-                    bar = tqdm(total=K, desc=f"VAR {B} img", unit="scale", leave=False)
-                try:
-                    f_hat, tokens = run_var(self.models, self.vae, self.schedule, labels, seeds, params, pool, progress=bar)
-                finally:
-                    if bar is not None:
-                        bar.close()
+
+        def run(lab, sd, bar):
+            return run_var(self.models, self.vae, self.schedule, lab, sd, params, pool, progress=bar)
+        K = len(self.cfg.patch_nums)
+        f_hat, tokens = self._generate((B, params, self.backend), run, labels, seeds, capture=True,
+                                       progress=progress, total=K, desc=f"VAR {B} img", unit="scale")
         self.last_tokens = tokens
+        self.last_forward_passes = K  # one transformer pass per scale (CoDe's refiner prefill samples scale N)
         self.last_stats = {
             "kv_pool_bytes": pool.nbytes,
             **{f"kv_bytes_{name}": pool.model_bytes(name) for name in self.models},

@@ -7,6 +7,7 @@ import argparse
 import torch
 
 SMALL_RANDOM = "small"  # --random-weights small: a few-layer VAR + thin VQVAE, fast on a CPU (the demo)
+BACKEND_CHOICES = ["torch", "fast", "triton", "cuda"]  # --backend; triton and cuda are old names of fast
 
 
 def _floats(s: str):
@@ -35,7 +36,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "demo model, or 'llamagen-B' ... 'llamagen-XL'")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default bf16 on GPU, fp32 on CPU")
-    g.add_argument("--backend", choices=["torch", "triton", "cuda"], help="force an op backend (default: best available)")
+    g.add_argument("--backend", choices=BACKEND_CHOICES,
+                   help="torch (the reference) or fast (Triton + _C + cuBLASLt; triton, cuda: aliases); default: "
+                        "VAR_RT_BACKEND, else fast on CUDA, torch otherwise")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -51,7 +54,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def build_pipeline(a, log=print):
     """The pipeline the model arguments describe; VARPipeline or LlamaGenPipeline."""
     from var_rt import pipeline as vp
-    dtype = a.dtype or ("bf16" if str(a.device).startswith("cuda") else "fp32")
+    dtype = a.dtype  # None: bf16 on CUDA, fp32 on the CPU (the pipelines' default)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA device is available (use --device cpu)")
     if a.random_weights:
@@ -60,26 +63,28 @@ def build_pipeline(a, log=print):
         if spec.startswith("llamagen"):
             from var_rt.llamagen_pipeline import LlamaGenPipeline
             name = spec.split("-", 1)[1] if "-" in spec else "B"
-            return LlamaGenPipeline.random(name, image_size=a.image_size or 256, device=a.device, dtype=dtype)
+            return LlamaGenPipeline.random(name, image_size=a.image_size or 256, device=a.device, dtype=dtype,
+                                           backend=a.backend)
         if spec == SMALL_RANDOM:
             from var_rt.models.var import VARConfig
             from var_rt.models.vqvae import VQVAEConfig
             small = VARConfig(depth=4, width=256, heads=4)
             return vp.VARPipeline.random(small, refiner_depth=small if a.draft_steps else None, draft_steps=a.draft_steps,
                                          vae_cfg=VQVAEConfig(ch=32, ch_mult=(1, 1, 2, 2, 2), num_res_blocks=1),
-                                         device=a.device, dtype=dtype)
+                                         device=a.device, dtype=dtype, backend=a.backend)
         depths = [int(x.strip().lstrip("d")) for x in spec.split(",")]
         if len(depths) == 1 and a.draft_steps is None:
-            return vp.VARPipeline.random(depths[0], device=a.device, dtype=dtype)
+            return vp.VARPipeline.random(depths[0], device=a.device, dtype=dtype, backend=a.backend)
         if len(depths) != 2 or a.draft_steps is None:
             raise SystemExit("error: CoDe with random weights needs '--random-weights dDRAFT,dREFINE --draft-steps N'")
-        return vp.VARPipeline.random(depths[0], refiner_depth=depths[1], draft_steps=a.draft_steps, device=a.device, dtype=dtype)
+        return vp.VARPipeline.random(depths[0], refiner_depth=depths[1], draft_steps=a.draft_steps, device=a.device,
+                                     dtype=dtype, backend=a.backend)
     if a.llamagen:
         if not a.vq:
             raise SystemExit("error: --llamagen needs --vq (vq_ds16_c2i.pt)")
         from var_rt.llamagen_pipeline import LlamaGenPipeline
         return LlamaGenPipeline.from_checkpoints(gpt=a.llamagen, vq=a.vq, device=a.device, dtype=dtype,
-                                                 image_size=a.image_size)
+                                                 image_size=a.image_size, backend=a.backend)
     if not a.vae:
         raise SystemExit("error: --vae is required with --var or --drafter (or use --random-weights)")
     if a.var:

@@ -71,10 +71,20 @@ class Attention(nn.Module):
         self.proj = nn.Linear(C, C)
 
     def constants(self):
-        """(qkv bias, per-head scale) for a generation: the official q bias / zero k bias / v bias, and
-        exp(min(scale_mul, ln 100)) (H,) fp32. Computed once, not per step."""
+        """(qkv bias, per-head scale): the official q bias / zero k bias / v bias, and exp(min(scale_mul, ln 100))
+        (H,) fp32. Weight-only: computed once and kept while the parameters are unchanged (same tensors, same
+        version counters), so a generation (and its CUDA graph) does not recompute them; never kept under
+        autograd (training reads fresh ones)."""
+        params = (self.q_bias, self.v_bias, self.scale_mul_1H11)
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        cached = self.__dict__.get("_consts")
+        if cached is not None and cached[0] == key:
+            return cached[1]
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        return bias, self.scale_mul_1H11.view(-1).float().clamp_max(MAX_SCALE_MUL).exp()
+        consts = bias, self.scale_mul_1H11.view(-1).float().clamp_max(MAX_SCALE_MUL).exp()
+        if not torch.is_grad_enabled() and self.q_bias.device.type != "meta":
+            self.__dict__["_consts"] = (key, consts)
+        return consts
 
     def forward(self, h, consts, kv, start: int, q_scale=None, k_scale=None):
         """h (N, l, C) AdaLN'd tokens; kv (2, N, H, Lmax, D) pool view. The attention kernel writes this step's
@@ -188,9 +198,10 @@ class VAR(nn.Module):
         """(2B, l, C) from forward_tokens -> (2B, l, V) in the model's dtype (the sampler reads it as it is)."""
         return self.head(h)
 
-    def kv_shape(self, rows: int) -> tuple:
-        """Per-layer KV tensor shape for `rows` (= 2B) rows and the whole token pyramid."""
-        return (2, rows, self.cfg.heads, self.cfg.L, self.cfg.head_dim)
+    def kv_shape(self, rows: int, tokens: int | None = None) -> tuple:
+        """Per-layer KV tensor shape for `rows` (= 2B) rows and `tokens` slots (default: the whole pyramid; a
+        CoDe drafter needs only the tokens of the scales it runs)."""
+        return (2, rows, self.cfg.heads, self.cfg.L if tokens is None else tokens, self.cfg.head_dim)
 
 
 def config_from_state_dict(sd, patch_nums=None, num_classes=None) -> VARConfig:

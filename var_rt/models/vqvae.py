@@ -180,6 +180,19 @@ class Decoder(nn.Module):
         return self.conv_out(group_norm(self.norm_out, h, True))
 
 
+def phi_ticks(n_phi: int):
+    """The official PhiPartiallyShared ticks: where on [0, 1] each of the n_phi shared Phi convs sits."""
+    import numpy as np
+    return np.linspace(1 / 3 / n_phi, 1 - 1 / 3 / n_phi, n_phi) if n_phi == 4 else np.linspace(1 / 2 / n_phi, 1 - 1 / 2 / n_phi, n_phi)
+
+
+def phi_index(si: int, num_scales: int, n_phi: int) -> int:
+    """Which of the shared Phi convs scale si uses: the tick nearest to si / (K - 1)."""
+    import numpy as np
+    at = si / (num_scales - 1) if num_scales > 1 else 0.0
+    return int(np.argmin(np.abs(phi_ticks(n_phi) - at)))
+
+
 class PhiConvs(nn.Module):  # official PhiPartiallyShared: `qresi_ls.{i}` are Conv2d(Cvae, Cvae, 3, padding 1)
     def __init__(self, cvae: int, n: int):
         super().__init__()
@@ -202,7 +215,6 @@ class VQVAE(nn.Module):
         self.decoder = Decoder(cfg)
 
     def phi(self, si: int, num_scales: int) -> nn.Conv2d:
-        from var_rt.ops import phi_index
         return self.quantize.quant_resi.qresi_ls[phi_index(si, num_scales, self.cfg.n_phi)]
 
     def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:

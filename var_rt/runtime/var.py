@@ -1,46 +1,16 @@
-"""Runs a VAR schedule: step inputs -> model step -> CFG mix -> sampler -> residual-VQ update.
+"""The VAR engine: runs a VAR schedule: step inputs -> model step -> CFG mix -> sampler -> residual-VQ update.
 
 One engine for plain VAR and CoDe: a phase either continues scale by scale with the KV cache, or (CoDe's
 refiner) first prefills the inputs of scales 0..N in one block-causal pass and samples scale N from its tail.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from var_rt import ops
 from var_rt.runtime.kv_pool import KVPool
 from var_rt.runtime.schedule import Phase
-
-
-@dataclass
-class SamplingParams:
-    """Per-scale sampling settings (lists of K); cfg is the guidance ratio reached at the last scale."""
-    cfg: float
-    top_k: list
-    top_p: list
-    temperature: list
-
-    @classmethod
-    def build(cls, K: int, cfg=4.0, top_k=900, top_p=0.95, temperature=1.0) -> "SamplingParams":
-        def per_scale(v, name, ok, why):
-            vals = list(v) if isinstance(v, (list, tuple)) else [v] * K
-            if len(vals) != K:
-                raise ValueError(f"{name}: expected a scalar or a list of {K} values (one per scale), got {len(vals)}")
-            for x in vals:
-                if not ok(x):
-                    raise ValueError(f"{name}={x!r}: {why}")
-            return vals
-        if not (isinstance(cfg, (int, float)) and cfg >= 0):
-            raise ValueError(f"cfg={cfg!r}: must be a number >= 0")
-        return cls(
-            cfg=float(cfg),
-            top_k=[int(x) for x in per_scale(top_k, "top_k", lambda x: int(x) == x and x >= 0, "must be an integer >= 0 (0 = off)")],
-            top_p=[float(x) for x in per_scale(top_p, "top_p", lambda x: 0 < x <= 1, "must be in (0, 1] (1 = off)")],
-            temperature=[float(x) for x in per_scale(temperature, "temperature", lambda x: x > 0, "must be > 0")],
-        )
-
+from var_rt.runtime.settings import SamplingSettings
 
 # The CoDe paper's evaluation settings (czg1225/CoDe sample_CoDe.py / infer_CoDe.py).
 PRESETS = {
@@ -50,9 +20,10 @@ PRESETS = {
 
 
 def run_var(models: dict, vae, schedule: list[Phase], labels: torch.Tensor, seeds: torch.Tensor,
-            params: SamplingParams, pool: KVPool, progress=None):
-    """labels, seeds (B,) int64 on the models' device. Returns f_hat (B, Cvae, H, H) fp32 and the sampled
-    token ids of every scale [(B, pn^2)]."""
+            params: SamplingSettings, pool: KVPool, progress=None):
+    """labels, seeds (B,) int64 on the models' device; params: one value per scale (SamplingSettings.build with
+    steps = K); progress: a tqdm bar or None. Returns f_hat (B, Cvae, H, H) fp32 and the sampled token ids of
+    every scale [(B, pn^2)]. No host sync on the fast backend: a whole call is captured as one CUDA graph."""
     cfg0 = next(iter(models.values())).cfg
     pns, K = cfg0.patch_nums, len(cfg0.patch_nums)
     bounds = cfg0.scale_bounds()
@@ -67,7 +38,8 @@ def run_var(models: dict, vae, schedule: list[Phase], labels: torch.Tensor, seed
     def sample(model, state, s, hidden):
         logits = model.logits(hidden)  # (2B, l, V) in the model's dtype, conditional rows first
         t = params.cfg * s / (K - 1)  # the sampler mixes (1 + t) * cond - t * uncond in fp32 as it reads them
-        idx = ops.sample_tokens(logits, seeds, s, params.top_k[s], params.top_p[s], params.temperature[s], guidance=t)
+        top_k, top_p, temperature = params.at(s)  # temperature as drawn: max(temperature, 1e-5)
+        idx = ops.sample_tokens(logits, seeds, s, top_k, top_p, temperature, guidance=t)  # (B, pn^2)
         tokens[s] = idx
         phi = vae.phi(s, K)
         rows_next = ops.rvq_step(idx, codebook, phi.weight, phi.bias, f_hat, pns[s], pns[s + 1] if s + 1 < K else None)

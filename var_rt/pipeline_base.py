@@ -1,0 +1,137 @@
+"""What VARPipeline and LlamaGenPipeline share: dtype, device and backend resolution, class-id and seed checks,
+the KV pool per batch, and running a generation (captured CUDA graph, or eagerly with a progress bar).
+
+Backend: resolved once at construction (`ops.resolve_backend`: None -> VAR_RT_BACKEND, else "fast" on CUDA,
+"torch" elsewhere) and stored per pipeline; every model and decoder call of a pipeline runs inside
+`ops.use_backend(self.backend)` (a ContextVar), so two pipelines with different backends never affect each other.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from var_rt import ops
+from var_rt.runtime.graphs import GraphCache
+from var_rt.runtime.kv_pool import KVPool
+from var_rt.runtime.settings import SamplingSettings
+
+__all__ = ["PipelineBase", "SamplingSettings", "resolve_dtype", "image_seeds", "check_class_labels", "check_seeds"]
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype, device=None) -> torch.dtype:
+    """A torch dtype or a name (fp32 | bf16 | fp16 and long forms); None: bf16 on a CUDA device, fp32 elsewhere
+    (as the command line)."""
+    if dtype is None:
+        return torch.bfloat16 if device is not None and torch.device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {sorted(set(DTYPES))}")
+    return DTYPES[dtype]
+
+
+def image_seeds(seed: int, indices) -> torch.Tensor:
+    """Per-image seeds: a function of (global seed, image index) only."""
+    return torch.tensor([ops.mix_seed(int(seed), int(i)) for i in indices], dtype=torch.int64)
+
+
+def check_class_labels(class_labels, num_classes: int) -> torch.Tensor:
+    """(B,) int64 class ids, or a ValueError naming what is wrong (empty, not integers, out of range)."""
+    labels = torch.as_tensor(list(class_labels) if not torch.is_tensor(class_labels) else class_labels).flatten()
+    if labels.numel() == 0:
+        raise ValueError("class_labels is empty: give at least one class id")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"class ids must be integers, got {labels.dtype}")
+    bad = [int(x) for x in labels if not 0 <= int(x) < num_classes]
+    if bad:
+        raise ValueError(f"class ids {bad} outside [0, {num_classes})")
+    return labels.long()
+
+
+def check_seeds(n: int, seed=0, seeds=None) -> torch.Tensor:
+    """(n,) int64 per-image seeds on the CPU: image i gets mix_seed(seed, i), or explicit `seeds` (one integer per
+    image, overriding `seed`)."""
+    if seeds is None:
+        try:
+            if isinstance(seed, bool):
+                raise TypeError
+            seed = operator.index(seed)
+        except TypeError:
+            raise ValueError(f"seed={seed!r}: expected an int") from None
+        return image_seeds(seed, range(n))
+    s = torch.as_tensor(seeds)
+    if s.dtype.is_floating_point or s.dtype.is_complex or s.dtype == torch.bool:
+        raise ValueError(f"seeds must be integers, got {s.dtype}")
+    s = s.to(torch.int64).flatten().cpu()
+    if s.numel() != n:
+        raise ValueError(f"{s.numel()} seeds for {n} images")
+    return s
+
+
+class PipelineBase:
+    """Shared state and plumbing of the pipelines. A subclass calls `_init_base(device, backend)` and defines
+    `num_classes`."""
+
+    def _init_base(self, device, backend) -> None:
+        self.device = torch.device(device)
+        self.backend = backend                      # resolved by the setter
+        self._pools: dict = {}                      # batch (KV rows) -> KVPool
+        self._graphs: GraphCache | None = None
+        self.use_graphs = self.device.type == "cuda"  # whole-generation CUDA graphs, eager fallback
+        self.last_tokens = None
+        self.last_stats: dict = {}
+        self.last_forward_passes: int | None = None
+
+    @property
+    def backend(self) -> str:
+        """'torch' or 'fast', resolved at construction; assigning a name (or None) resolves it again."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name) -> None:
+        self._backend = ops.resolve_backend(name, self.device)
+
+    # ---- checks -------------------------------------------------------------------------------------------------
+    def check_labels(self, class_labels) -> torch.Tensor:
+        return check_class_labels(class_labels, self.num_classes)
+
+    # ---- the KV pool --------------------------------------------------------------------------------------------
+    def _kv_pool(self, rows: int, shapes, dtype: torch.dtype, share: bool = True) -> KVPool:
+        """One arena per batch (`rows`); shapes() -> {model: [per-layer KV shape]}, called when one is built.
+        Captured graphs point into their arenas, so with graphs every batch keeps its own; without, only the
+        latest is kept."""
+        if rows not in self._pools:
+            if not self.use_graphs:
+                self._pools.clear()
+            layer_shapes = shapes()
+            try:
+                self._pools[rows] = KVPool(layer_shapes, dtype, self.device, share=share)
+            except torch.cuda.OutOfMemoryError:
+                need = max(KVPool.bytes_needed(layer_shapes, dtype).values()) / 2**30
+                raise MemoryError(f"batch {rows} is too large: its KV cache alone needs {need:.1f} GiB; "
+                                  "use a smaller batch") from None
+        return self._pools[rows]
+
+    # ---- running a generation -------------------------------------------------------------------------------------
+    def _generate(self, key, fn, labels, seeds, *, capture: bool, progress: bool, total: int, desc: str, unit: str):
+        """fn(labels, seeds, bar) -> tuple of tensors, inside this pipeline's backend. With graphs (CUDA) and
+        `capture`, one graph per key replays it (eager where this run cannot be captured, see GraphCache);
+        otherwise eagerly, with a tqdm bar of `total` steps when `progress`."""
+        with ops.use_backend(self._backend):
+            if self.use_graphs and capture:
+                if self._graphs is None:
+                    self._graphs = GraphCache(self.device)
+                return self._graphs.run(key, lambda lab, sd: fn(lab, sd, None), labels, seeds, backend=self._backend)
+            bar = None
+            if progress:
+                from tqdm import tqdm
+                bar = tqdm(total=total, desc=desc, unit=unit, leave=False)
+            try:
+                return fn(labels, seeds, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
