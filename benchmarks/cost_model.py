@@ -647,7 +647,8 @@ def count(pipe, batch: int, zipar_window=None, track_memory=True, **sampling) ->
                         c.attn_ctx = None
                 return forward_tokens
             undo.append(_wrap(m, "forward_tokens", make))
-        undo.append(_wrap(pipe, "_sample", lambda f: _phased(c, "tokens", f)))
+        tokens_fn = "_sample" if hasattr(pipe, "_sample") else "generate_latents"  # _sample: __call__'s path
+        undo.append(_wrap(pipe, tokens_fn, lambda f: _phased(c, "tokens", f)))
         undo.append(_wrap(pipe.vae, "fhat_to_img", lambda f: _phased(c, "decode", f)))
         passes = sum(n for _, n in steps)
         sampling = {"cfg": 4.0, "top_k": 900, "top_p": 0.95, "temperature": 1.0, "seed": 0, **sampling}
