@@ -11,6 +11,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps torch-fidelity==0.4.0   # var-rt fid's Inception port; torchvision not needed
 	touch $@
 
 setup: $(VENV)/.installed

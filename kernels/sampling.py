@@ -185,7 +185,9 @@ def sample_tokens(logits, seeds, step, top_k=0, top_p=0.0, temperature=1.0, guid
     seeds_flat = seeds.reshape(-1)
     block_v = next_pow2(V)
     target = 16384 if interpreting() else 2048  # elements per program: whole rows, at least one
-    block_r = max(1, min(next_pow2(R), target // block_v))
+    # rows per program from V only, never from R = B * l: the compiled kernel (tile, warps, so each row's reduction
+    # order) is the same whatever the batch, and a row's draw depends on its own logits alone
+    block_r = max(1, target // block_v)
     tile = block_r * block_v
     warps = 1 if tile <= 128 else 2 if tile <= 512 else 4 if tile <= 4096 else 8 if tile <= 8192 else 16
     # the draw handles CHUNK tokens per row at a time, ~8 per thread (one pass in the interpreter)

@@ -7,7 +7,7 @@ when `rope` (L', D/2, 2) fp32 (cos, sin) is given; k_cache, v_cache (N, Hkv, L, 
 KV slot of each query; counts (h,) int tokens of each row drawn before this pass. Visibility is computed per key
 from its slot, no mask tensor:
     key j visible to the query at slot p  <=>  (j <= p and (j < prefix or col(j) < counts[row(j)])) or j == p
-with row(j), col(j) = divmod(j - prefix, tpr). Softmax scale 1/sqrt(D), fp32 statistics, online softmax.
+with row(j), col(j) = divmod(j - prefix, tpr) (official=True: j <= p, the official ZipAR code's mask). Softmax scale 1/sqrt(D), fp32 statistics, online softmax.
 q and out may be strided views (q a slice of the wqkv output, out a (N, H, Q, D) view of a (N, Q, H*D) buffer).
 
 Layout: one program per (batch row n, KV head, block of BLOCK_M query rows, key split). The rows of a program are
@@ -38,7 +38,7 @@ _LOG2E = 1.4426950408889634
 def _zipar_attn_kernel(Q, K, V, O, PO, PML, QSLOT, COUNTS, ROPE,
                        sqn, sqh, sqq, sqd, skn, skh, skl, skd, svn, svh, svl, svd, son, soh, soq, sod,
                        N, H, Qn, GROUP, D, prefix, tpr, n_rows, chunk, n_splits, qk_scale,
-                       HAS_ROPE: tl.constexpr, SPLIT: tl.constexpr, F32_DOT: tl.constexpr,
+                       HAS_ROPE: tl.constexpr, SPLIT: tl.constexpr, F32_DOT: tl.constexpr, OFFICIAL: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_nh = tl.program_id(0)
     Hkv = H // GROUP
@@ -77,7 +77,10 @@ def _zipar_attn_kernel(Q, K, V, O, PO, PML, QSLOT, COUNTS, ROPE,
         row = img // tpr
         cnt = tl.load(COUNTS + row, mask=j_ok & (j >= prefix) & (row < n_rows), other=0)
         drawn = (j < prefix) | (img - row * tpr < cnt)
-        vis = ((j[None, :] <= p[:, None]) & drawn[None, :]) | (j[None, :] == p[:, None])
+        if OFFICIAL:   # zipar_mask="official": the plain lower triangle over slots
+            vis = j[None, :] <= p[:, None]
+        else:
+            vis = ((j[None, :] <= p[:, None]) & drawn[None, :]) | (j[None, :] == p[:, None])
         vis = vis & j_ok[None, :]
         kvm = j_ok[:, None] & d_ok[None, :]
         k = tl.load(kb + j[:, None] * skl + d[None, :] * skd, mask=kvm, other=0.0)
@@ -159,8 +162,8 @@ def _tiles(dtype, M: int, D: int):
 
 
 def zipar_attention(q, k_cache, v_cache, q_slot, counts, prefix: int, tpr: int, rope=None, out=None,
-                    n_keys=None, num_splits=None):
-    """n_keys: keys [0, n_keys) can be visible (max(q_slot) + 1; default: the whole cache), used only to plan the
+                    n_keys=None, num_splits=None, official=False):
+    """official: zipar_mask="official", every key j <= p visible (the official ZipAR code's mask). n_keys: keys [0, n_keys) can be visible (max(q_slot) + 1; default: the whole cache), used only to plan the
     split; num_splits: force the split count (1 = no split), default from the shapes."""
     dev = q.device
     check_device(OP, dev)
@@ -204,7 +207,7 @@ def zipar_attention(q, k_cache, v_cache, q_slot, counts, prefix: int, tpr: int, 
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         N, H, Qn, group, D, int(prefix), int(tpr), counts.numel(), chunk, splits,
         (1.0 / math.sqrt(D)) * _LOG2E,
-        HAS_ROPE=rope is not None, SPLIT=splits > 1,
+        HAS_ROPE=rope is not None, SPLIT=splits > 1, OFFICIAL=bool(official),
         # the interpreter (triton 3.9) computes 16-bit dots wrongly: fp32 dots of rounded operands instead
         F32_DOT=q.dtype == torch.float32 or interpreting(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)

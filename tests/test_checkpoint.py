@@ -84,9 +84,9 @@ def test_every_problem_is_reported_at_once(tmp_path, tiny_files):
 
 
 def test_wrong_family_and_missing_file(tmp_path, tiny_files):
-    with pytest.raises(checkpoint.CheckpointError, match="not a VAR transformer"):
+    with pytest.raises(checkpoint.CheckpointError, match="is a VAR VQVAE checkpoint; expected a VAR transformer"):
         load_var(tiny_files["vae"])
-    with pytest.raises(checkpoint.CheckpointError, match="not a VAR VQVAE"):
+    with pytest.raises(checkpoint.CheckpointError, match="is a VAR transformer checkpoint; expected a VAR VQVAE"):
         load_vqvae(tiny_files["var"])
     with pytest.raises(FileNotFoundError):
         load_var(tmp_path / "nope.pth")

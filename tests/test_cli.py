@@ -60,7 +60,7 @@ def test_unwritable_output_and_wrong_family(tmp_path, tiny_files, capsys):
     assert rc == 2 and "cannot write" in capsys.readouterr().err
     rc = run_cli("generate", "--var", tiny_files["vae"], "--vae", tiny_files["vae"], "--classes", 1,
                  "--out", tmp_path / "g.png", "--device", "cpu")
-    assert rc == 2 and "not a VAR transformer" in capsys.readouterr().err
+    assert rc == 2 and "expected a VAR transformer" in capsys.readouterr().err
     assert not (tmp_path / "g.png").exists()
 
 

@@ -86,11 +86,3 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, tiny_files):
     assert r.returncode == 0, r.stdout + r.stderr
     assert read_all(one, 6) == read_all(two, 6)
     assert np.array_equal(np.load(str(one) + ".npz")["arr_0"], np.load(str(two) + ".npz")["arr_0"])
-
-
-def test_fid_without_library_or_weights_says_so(tmp_path, capsys):
-    np.savez(tmp_path / "a.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
-    rc = cli.main(["fid", str(tmp_path / "a.npz"), "--ref", str(tmp_path / "a.npz")])
-    assert rc == 2
-    err = capsys.readouterr().err
-    assert "pytorch-fid" in err or "weights" in err

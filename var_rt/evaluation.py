@@ -1,11 +1,12 @@
-"""Evaluation runs (`var-rt sample`, `var-rt fid`): many images (50 per class), resumable, sharded over
+"""Evaluation runs (`var-rt sample`): many images (50 per class), resumable, sharded over
 processes with torchrun. The command line's argument handling is in var_rt.cli.sample; this module does not
 import the command line (`run` takes the pipeline builder and the sampling-argument reader as callables).
 
 Image i has class i // per_class and seed mix_seed(seed, i): the result depends on neither the number of
 processes nor the batch size. Rank r of W takes the indices i with i % W == r that are not on disk yet. PNGs are
 written atomically (temporary file + rename), a rerun verifies what is there (readable, right size) and redoes
-the rest. At the end rank 0 packs DIR.npz (arr_0: uint8 (N, H, W, 3), index order) and DIR/manifest.json.
+the rest. At the end rank 0 packs DIR.npz (arr_0: uint8 (N, H, W, 3), index order) and DIR/manifest.json, the
+input of `var-rt fid` (var_rt.fid).
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import datetime
 import json
 import os
 import sys
-import time
 
 import numpy as np
 import torch
@@ -37,9 +37,24 @@ def is_complete(path: str, size: int) -> bool:
 
 
 def clean_partials(out_dir: str) -> None:
-    for name in os.listdir(out_dir):
-        if name.startswith(".tmp-"):
-            os.unlink(os.path.join(out_dir, name))
+    """Remove the temporary files a killed run left (images.atomic_path): in DIR, and DIR.npz's beside it."""
+    from var_rt.images import TMP_PREFIX
+    parent, npz = os.path.split(out_dir + ".npz")
+    for folder, prefix in ((out_dir, TMP_PREFIX), (parent, f"{TMP_PREFIX}{npz}-")):
+        for name in os.listdir(folder):
+            if name.startswith(prefix):
+                try:
+                    os.unlink(os.path.join(folder, name))
+                except FileNotFoundError:
+                    pass
+
+
+def progress_bar(show: bool, **kw):
+    """A tqdm bar on stderr, or None when not shown (--quiet, ranks other than 0)."""
+    if not show:
+        return None
+    from tqdm import tqdm
+    return tqdm(dynamic_ncols=True, **kw)
 
 
 class Dist:
@@ -71,8 +86,17 @@ class Dist:
         if self.on:
             self.dist.barrier()
 
-    def close(self):
-        if self.on and self.dist.is_initialized():
+    def close(self, ok: bool = True):
+        """Tear the process group down. After a normal end every rank first meets the others in a barrier, so no
+        rank destroys its group (closing its gloo sockets) while another still has a collective in flight: a rank
+        whose peer vanished mid-collective could abort at exit ("terminate called without an active exception").
+        After an error the group is destroyed at once (the other ranks may never reach a barrier)."""
+        if not (self.on and self.dist.is_initialized()):
+            return
+        try:
+            if ok:
+                self.dist.barrier()
+        finally:
             self.dist.destroy_process_group()
 
 
@@ -81,6 +105,7 @@ def run(a, build_pipeline, sampling_kwargs) -> int:
     from var_rt.ops import mix_seed
     ctx = Dist(a.device)
     a.device = ctx.device
+    ok = False  # set once every rank is done: then Dist.close meets the others before tearing down
     out_dir = os.path.abspath(a.out.rstrip("/"))
     try:
         if ctx.rank == 0:
@@ -94,19 +119,27 @@ def run(a, build_pipeline, sampling_kwargs) -> int:
         if total <= 0 or a.per_class <= 0:
             raise ValueError(f"nothing to sample: --per-class {a.per_class}, --num {a.num}")
         size = pipe.image_size
-        mine = [i for i in range(ctx.rank, total, ctx.world)
-                if not is_complete(os.path.join(out_dir, png_name(i)), size)]
+        show = ctx.rank == 0 and not getattr(a, "quiet", False)  # progress: tqdm bars on rank 0's stderr
+        owned = range(ctx.rank, total, ctx.world)
+        check = progress_bar(show, total=len(owned), desc="verify existing", unit="png", leave=False)
+        mine = []
+        for i in owned:
+            path = os.path.join(out_dir, png_name(i))
+            if not (os.path.exists(path) and is_complete(path, size)):
+                mine.append(i)
+            if check is not None:
+                check.update(1)
+        if check is not None:
+            check.close()
         batches = [mine[j:j + a.batch] for j in range(0, len(mine), a.batch)]
         rounds = int(ctx.all_reduce(len(batches), "max"))
         todo_all = int(ctx.all_reduce(len(mine)))
-        bar = None
         if ctx.rank == 0:
-            from tqdm import tqdm
             print(f"var-rt sample: {total} images, {total - todo_all} already done, {todo_all} to go, "
-                  f"{ctx.world} process(es), batch {a.batch} -> {out_dir}")
-            bar = tqdm(total=todo_all, unit="img", dynamic_ncols=True)
+                  f"{ctx.world} process(es), batch {a.batch} -> {out_dir}", flush=True)
+        bar = progress_bar(show, total=todo_all, desc="sample", unit="img", smoothing=0.1)  # img/s and ETA
         crash_after = int(os.environ.get(CRASH_ENV, "0"))
-        written, t0 = 0, time.perf_counter()
+        written = 0
         for r in range(rounds):
             error = ""
             if r < len(batches):
@@ -131,33 +164,42 @@ def run(a, build_pipeline, sampling_kwargs) -> int:
             done = int(ctx.all_reduce(len(batches[r]) if r < len(batches) else 0))
             if bar is not None:
                 bar.update(done)
-                bar.set_postfix(img_s=f"{bar.n / max(time.perf_counter() - t0, 1e-9):.2f}")
         if bar is not None:
             bar.close()
         ctx.barrier()
         if ctx.rank == 0:
-            pack(out_dir, total, size, a, pipe)
-        ctx.barrier()
+            pack(out_dir, total, size, a, pipe, progress=show)
+        ok = True
         return 0
     finally:
-        ctx.close()
+        ctx.close(ok)
 
 
-def pack(out_dir: str, total: int, size: int, a, pipe) -> None:
-    """DIR.npz with arr_0 (N, H, W, 3) uint8 in index order, and DIR/manifest.json."""
+def pack(out_dir: str, total: int, size: int, a, pipe, progress: bool = False) -> None:
+    """DIR.npz with arr_0 (N, H, W, 3) uint8 in index order, and DIR/manifest.json (progress: a bar of PNGs)."""
     from PIL import Image
     import var_rt
     arr = np.empty((total, size, size, 3), np.uint8)
+    bar = progress_bar(progress, total=total, desc="pack npz", unit="png", leave=False)
     for i in range(total):
+        if bar is not None:
+            bar.update(1)
         path = os.path.join(out_dir, png_name(i))
-        if not is_complete(path, size):
+        try:  # read once: decodes fully at the right size (as is_complete), then kept
+            with Image.open(path) as im:
+                im.load()
+                good = im.size == (size, size) and im.mode == "RGB"
+                if good:
+                    arr[i] = np.asarray(im)
+        except Exception:
+            good = False
+        if not good:
             raise RuntimeError(f"{path} is missing or unreadable after sampling")
-        with Image.open(path) as im:
-            arr[i] = np.asarray(im.convert("RGB"))
+    if bar is not None:
+        bar.close()
+    from var_rt.images import atomic_path, write_npz
     npz = out_dir + ".npz"
-    tmp = out_dir + ".tmp.npz"
-    np.savez(tmp, arr_0=arr)
-    os.replace(tmp, npz)
+    write_npz(npz, arr_0=arr)  # atomic (Ctrl-C or a crash: no partial npz is left) and byte-reproducible
     try:
         import triton
         triton_v = triton.__version__
@@ -171,38 +213,6 @@ def pack(out_dir: str, total: int, size: int, a, pipe) -> None:
         "versions": {"var_rt": var_rt.__version__, "torch": torch.__version__, "triton": triton_v},
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
-    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+    with atomic_path(os.path.join(out_dir, "manifest.json"), suffix=".json") as tmp, open(tmp, "w") as f:
         json.dump(manifest, f, indent=2, default=str)
     print(f"var-rt sample: wrote {npz} ({total} x {size} x {size} x 3 uint8) and {out_dir}/manifest.json")
-
-
-def fid(npz: str, ref: str) -> float:
-    """FID between two npz files (arr_0: uint8 (N, H, W, 3)) with pytorch-fid, where it and its Inception weights
-    are present locally."""
-    try:
-        from pytorch_fid import fid_score  # noqa: F401
-        from pytorch_fid.inception import FID_WEIGHTS_URL
-    except ImportError:
-        raise ValueError("var-rt fid needs the pytorch-fid package (pip install pytorch-fid) and its Inception "
-                         "weights in the torch hub cache; nothing is downloaded at run time") from None
-    weights = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(FID_WEIGHTS_URL))
-    if not os.path.exists(weights):
-        raise ValueError(f"Inception weights for FID not found at {weights}; copy "
-                         f"{os.path.basename(FID_WEIGHTS_URL)} there (no download at run time)")
-    from pytorch_fid.fid_score import calculate_frechet_distance
-    from pytorch_fid.inception import InceptionV3
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(dev).eval()
-
-    def stats(path):
-        x = np.load(path)["arr_0"]
-        feats = []
-        with torch.no_grad():
-            for j in range(0, len(x), 100):
-                b = torch.from_numpy(x[j:j + 100]).to(dev).permute(0, 3, 1, 2).float() / 255
-                feats.append(model(b)[0].squeeze(-1).squeeze(-1).cpu().numpy())
-        f = np.concatenate(feats)
-        return f.mean(0), np.cov(f, rowvar=False)
-    m1, s1 = stats(npz)
-    m2, s2 = stats(ref)
-    return float(calculate_frechet_distance(m1, s1, m2, s2))

@@ -5,28 +5,33 @@ from __future__ import annotations
 
 import torch
 
-from var_rt import ops
+from var_rt import loaders, ops
 from var_rt.loaders import load_llamagen, load_vq16
 from var_rt.models import llamagen as gpt_model
 from var_rt.models import vq16
-from var_rt.pipeline_base import PipelineBase, SamplingSettings, check_seeds, resolve_dtype
+from var_rt.pipeline_base import PipelineBase, SamplingSettings, check_device, check_int, check_seeds, resolve_dtype
 from var_rt.runtime import llamagen as engine
-from var_rt.runtime import zipar
+from var_rt.runtime import sjd, zipar
 from var_rt.runtime.kv_pool import KVPool
 from var_rt.runtime.llamagen import PassPlan, build_plan, draw_tokens, filter_logits  # noqa: F401  (re-exported)
 
 __all__ = ["LlamaGenPipeline", "SamplingSettings", "PassPlan", "build_plan", "draw_tokens", "filter_logits"]
 
 
+def check_image_size(image_size) -> None:
+    """None (read off the file) or a positive multiple of 16 (the token grid is image_size // 16)."""
+    if image_size is not None and check_int(image_size, "image_size", 16) % 16:
+        raise ValueError(f"image_size={image_size}: expected a multiple of 16 (256 or 384 for the official models)")
+
+
 class LlamaGenPipeline(PipelineBase):
     """LlamaGen c2i sampling, sequential or ZipAR. Images come back as (B, 3, H, W) floats in [0, 1]."""
 
     def __init__(self, gpt: gpt_model.LlamaGenGPT, vq: vq16.VQ16, device="cpu", backend=None):
-        if gpt.cfg.vocab_size != vq.cfg.codebook_size:
-            raise ValueError(f"GPT vocab {gpt.cfg.vocab_size} != VQ codebook size {vq.cfg.codebook_size}")
+        self.check_configs(gpt.cfg, vq.cfg)
         self.gpt, self.vq = gpt.fuse_weights_(), vq   # w1 | w3 as one GEMM on the fast path
         self._init_base(device, backend)
-        self._plans: dict = {}   # window -> [PassPlan]
+        self._plans: dict = {}   # (window, zipar_mask) -> [PassPlan]
         self._guides: dict = {}  # (window, cfg, cfg_interval) -> the fast draw's per-pass guidance tensors
 
     @property
@@ -45,17 +50,43 @@ class LlamaGenPipeline(PipelineBase):
     def image_size(self) -> int:
         return self.cfg.grid * self.vq.cfg.downsample
 
+    @staticmethod
+    def check_configs(gpt_cfg, vq_cfg) -> None:
+        """The GPT and the VQ fit together (checked on their configs, before anything is loaded)."""
+        if gpt_cfg.vocab_size != vq_cfg.codebook_size:
+            raise ValueError(f"the GPT's vocabulary ({gpt_cfg.vocab_size} tokens) does not match the VQ's codebook "
+                             f"({vq_cfg.codebook_size} entries)")
+
     # ---- construction ---------------------------------------------------------------------------------------
     @classmethod
     def from_checkpoints(cls, gpt, vq, device="cpu", dtype=None, image_size=None, backend=None, n_head=None):
         """Official c2i_*.pt (weights under `model`, or raw for the FSDP ones; .safetensors too) and
         vq_ds16_c2i.pt. image_size: 256 / 384 (token grid = image_size // 16); default from the saved freqs_cis,
         else the file name (c2i_XL_384.pt). n_head: only for non-official widths (official ones are known).
-        dtype (the GPT's; the VQ stays fp32) None: bf16 on CUDA, fp32 on the CPU."""
-        model = load_llamagen(gpt, device=device, dtype=resolve_dtype(dtype, device), image_size=image_size,
-                              n_head=n_head)
+        dtype (the GPT's; the VQ stays fp32) None: bf16 on CUDA, fp32 on the CPU. Every argument and both files
+        (family, config, keys and shapes: loaders.inspect) are checked before either is loaded."""
+        check_device(device)
+        dt = resolve_dtype(dtype, device)
+        ops.resolve_backend(backend, device)
+        check_image_size(image_size)
+        if n_head is not None:
+            check_int(n_head, "n_head", 1)
+        cls.check_configs(loaders.inspect(gpt, "llamagen", "gpt", image_size=image_size, n_head=n_head),
+                          loaders.inspect(vq, "vq16", "vq"))
+        model = load_llamagen(gpt, device=device, dtype=dt, image_size=image_size, n_head=n_head)
         tok = load_vq16(vq, device=device)
         return cls(model, tok, device=device, backend=backend)
+
+    @classmethod
+    def from_pretrained(cls, name, device="cpu", dtype=None, revision=None, cache_dir=None, local_files_only=None,
+                        backend=None, image_size=None) -> "LlamaGenPipeline":
+        """An official model by name ('llamagen-xl-384': var_rt.hub.MODELS, `var-rt models`), its files fetched
+        through huggingface_hub (its cache, HF_HOME, HF_HUB_OFFLINE; revision pins the repo), then loaded by
+        from_checkpoints (image_size None: read off the file)."""
+        from var_rt import hub
+        return hub.from_pretrained(cls, "llamagen", name, device=device, dtype=dtype, revision=revision,
+                                   cache_dir=cache_dir, local_files_only=local_files_only, backend=backend,
+                                   image_size=image_size)
 
     @classmethod
     def random(cls, config="B", image_size=None, vq_config=None, device="cpu", dtype=None, seed=0, std=0.02,
@@ -63,7 +94,10 @@ class LlamaGenPipeline(PipelineBase):
         """Random weights: config is a name ('B', 'L', 'XL', 'XXL', '3B') with image_size (default 256) and the
         full VQ-16, or a LlamaGenConfig (any small size) with a thin VQ unless vq_config is given.
         dtype None: bf16 on CUDA, fp32 on the CPU."""
+        check_device(device)
         dt = resolve_dtype(dtype, device)
+        ops.resolve_backend(backend, device)
+        check_image_size(image_size)
         if isinstance(config, str):
             cfg = gpt_model.config_for(config, image_size or 256)
             vcfg = vq_config or vq16.VQ16Config(codebook_size=cfg.vocab_size)
@@ -71,6 +105,7 @@ class LlamaGenPipeline(PipelineBase):
             cfg = config if image_size is None else gpt_model.with_grid(config, image_size // 16)
             vcfg = vq_config or vq16.VQ16Config(codebook_size=cfg.vocab_size, z_channels=32, ch=32, ch_mult=(1, 1),
                                                 num_res_blocks=1)
+        cls.check_configs(cfg, vcfg)
         model = gpt_model.build_meta(cfg).to_empty(device=device)
         model = gpt_model.init_random_(model, seed, std).to(dt).eval().requires_grad_(False)
         with torch.device("meta"):
@@ -79,13 +114,15 @@ class LlamaGenPipeline(PipelineBase):
         return cls(model, tok, device=device, backend=backend)
 
     # ---- plan, guidance, KV cache (cached: captured CUDA graphs read them at every replay) --------------------
-    def plan(self, zipar_window=None) -> list:
+    def plan(self, zipar_window=None, zipar_mask="exact") -> list:
         """The passes of sequential decoding (None) or ZipAR with window w, cached."""
         if zipar_window is not None:
             zipar.check_window(zipar_window, self.cfg.grid)
-        if zipar_window not in self._plans:
-            self._plans[zipar_window] = engine.plan_for(self.cfg, zipar_window, self.device)
-        return self._plans[zipar_window]
+        zipar.check_mask(zipar_mask)
+        key = (zipar_window, zipar_mask)
+        if key not in self._plans:
+            self._plans[key] = engine.plan_for(self.cfg, zipar_window, self.device, zipar_mask)
+        return self._plans[key]
 
     def guidance(self, zipar_window, cfg: float, cfg_interval: int) -> list:
         """Per pass of plan(zipar_window): the fast draw's per-query guidance t, (S,) fp32 on the device
@@ -118,26 +155,35 @@ class LlamaGenPipeline(PipelineBase):
 
     @torch.no_grad()
     def __call__(self, class_labels, cfg=4.0, cfg_interval=-1, top_k=2000, top_p=1.0, temperature=1.0, seed=0,
-                 zipar_window=None, progress=False, seeds=None) -> torch.Tensor:
+                 zipar_window=None, progress=False, seeds=None, zipar_mask="exact", sjd_window=0,
+                 sjd_relaxed=0) -> torch.Tensor:
         """One image per class label -> (B, 3, H, W) float32 in [0, 1]. Same seed -> same images; image i uses
-        seed ops.mix_seed(seed, i). zipar_window: None = sequential, else ZipAR with that window."""
+        seed ops.mix_seed(seed, i). zipar_window: None = sequential, else ZipAR with that window. zipar_mask:
+        "exact" (a query sees its decoded predecessors) or "official" (every slot before it, as the official ZipAR
+        code; runtime.zipar). sjd_window L > 0: Speculative Jacobi Decoding with L drafts per pass (runtime.sjd;
+        sequential order only); sjd_relaxed k > 0: its GSD-style relaxed acceptance over k codebook neighbours
+        (approximate, off by default)."""
         return self.decode(self.generate_tokens(class_labels, cfg, cfg_interval, top_k, top_p, temperature, seed,
-                                                zipar_window, progress, seeds))
+                                                zipar_window, progress, seeds, zipar_mask, sjd_window,
+                                                sjd_relaxed), progress=progress)
 
     @torch.no_grad()
-    def decode(self, ids) -> torch.Tensor:
-        """Token ids (B, h*w) -> images (B, 3, H, W) float32 in [0, 1], on this pipeline's backend."""
-        with ops.use_backend(self.backend):
-            return (self.vq.decode_tokens(ids) + 1) / 2
+    def decode(self, ids, progress=False) -> torch.Tensor:
+        """Token ids (B, h*w) -> images (B, 3, H, W) float32 in [0, 1], on this pipeline's backend, in chunks of
+        `decode_chunk` images (an image's bytes do not depend on the batch: pipeline_base.DECODE_CHUNK)."""
+        return self._decode(lambda t: (self.vq.decode_tokens(t) + 1) / 2, ids, progress)
 
     @torch.no_grad()
     def generate_tokens(self, class_labels, cfg=4.0, cfg_interval=-1, top_k=2000, top_p=1.0, temperature=1.0,
-                        seed=0, zipar_window=None, progress=False, seeds=None) -> torch.Tensor:
+                        seed=0, zipar_window=None, progress=False, seeds=None, zipar_mask="exact", sjd_window=0,
+                        sjd_relaxed=0) -> torch.Tensor:
         """Token ids (B, h*w) int64 in raster order; also `last_tokens`, `last_forward_passes`.
         seeds: explicit per-image seeds (B,), overriding `seed`."""
         settings = self.sampling_settings(cfg, top_k, top_p, temperature, cfg_interval)
         labels = self.check_labels(class_labels).to(self.device)
-        plan = self.plan(zipar_window)
+        if sjd.check_window(sjd_window) or sjd_relaxed:
+            return self._generate_sjd(labels, settings, seed, seeds, zipar_window, sjd_window, sjd_relaxed, progress)
+        plan = self.plan(zipar_window, zipar_mask)
         B = labels.numel()
         seeds = check_seeds(B, seed, seeds).to(self.device)
         N = 2 * B if settings.cfg > 1.0 else B
@@ -147,11 +193,50 @@ class LlamaGenPipeline(PipelineBase):
 
         def run(lab, sd, bar):
             return (engine.decode_passes(self.gpt, plan, lab, sd, pool.views["llamagen"], s, progress=bar),)
-        mode = "sequential" if zipar_window is None else f"ZipAR w={zipar_window}"
+        mode = "sequential" if zipar_window is None else f"ZipAR w={zipar_window}, {zipar_mask} mask"
         # the whole plan is static for (batch, window, settings): with the fast draw (no host sync) one CUDA graph
-        (tokens,) = self._generate((B, zipar_window, settings, self.backend), run, labels, seeds, capture=s.fast,
+        (tokens,) = self._generate((B, zipar_window, zipar_mask, settings, self.backend), run, labels, seeds, capture=s.fast,
                                    progress=progress, total=len(plan), desc=f"LlamaGen {B} img, {mode}", unit="pass")
         self.last_tokens = tokens
         self.last_forward_passes = len(plan)
         self.last_stats = {"kv_pool_bytes": pool.nbytes}
+        return tokens
+
+    def _generate_sjd(self, labels, settings, seed, seeds, zipar_window, L, relaxed, progress):
+        """Speculative Jacobi Decoding (runtime.sjd): eagerly, one image at a time (its own KV rows, so an image does
+        not depend on the batch). last_forward_passes: the most passes any image took; last_stats: per image
+        "sjd_passes" and "sjd_acceptance" (accepted / tested drafts)."""
+        if zipar_window is not None:
+            raise ValueError("sjd_window with zipar_window: SJD + ZipAR is not implemented (SJD is sequential)")
+        if L < 1:
+            raise ValueError(f"sjd_relaxed={relaxed!r} needs sjd_window >= 1")
+        if isinstance(relaxed, bool) or not isinstance(relaxed, int) or relaxed < 0:
+            raise ValueError(f"sjd_relaxed {relaxed!r}: expected an int >= 0 (0 = exact acceptance)")
+        B = labels.numel()
+        seeds = check_seeds(B, seed, seeds).tolist()
+        pool = self.kv_pool(2 if settings.cfg > 1.0 else 1)
+        nb = None
+        if relaxed:
+            emb = torch.nn.functional.normalize(self.vq.quantize.embedding.weight.detach().float(), dim=-1)  # as looked up
+            nb = sjd.codebook_neighbours(emb.to(self.device), relaxed)
+        out, passes, acc = [], [], []
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=B, desc=f"LlamaGen {B} img, SJD L={L}", unit="img", leave=False)
+        with ops.use_backend(self._backend):
+            for b in range(B):
+                t, i, a, n = sjd.generate_one(self.gpt, int(labels[b]), int(seeds[b]), pool.views["llamagen"],
+                                              settings, L, self.backend, nb)
+                out.append(t)
+                passes.append(i)
+                acc.append(a / max(n, 1))
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        tokens = torch.stack(out)
+        self.last_tokens = tokens
+        self.last_forward_passes = max(passes)
+        self.last_stats = {"kv_pool_bytes": pool.nbytes, "sjd_passes": passes, "sjd_acceptance": acc}
         return tokens

@@ -1,13 +1,19 @@
-"""Loaders of the checkpoint files, on top of the strict checkpoint code (var_rt.checkpoint). VAR family: a VAR
-transformer (plain VAR, CoDe drafter or refiner) and the multi-scale VQVAE; each first checks that the file is of its
-family (a VQVAE or LlamaGen file given as a VAR is named as such), then reads the config off the file and loads
-strictly. LlamaGen family: the c2i GPT (its token grid from the saved freqs_cis, the argument or the file name) and
-the VQ-16 tokenizer.
+"""Loaders of the checkpoint files, on top of the strict checkpoint code (var_rt.checkpoint), one per family: the
+VAR transformer (plain VAR, CoDe drafter or refiner), the VAR multi-scale VQVAE, the LlamaGen c2i GPT (its token
+grid from the saved freqs_cis, the argument or the file name) and the LlamaGen VQ-16 tokenizer.
+
+`inspect(path, family)` checks a file without loading it: readable, of the expected family (told by its keys:
+"--vq: x.pth is a VAR VQVAE checkpoint; expected a LlamaGen VQ-16 checkpoint (vq_ds16_c2i.pt)"), its config
+readable and every key and shape right (checked against the model built on `meta`); it returns the config. The
+pipelines inspect every file before they load any; `load(path, family)` (and load_var ... load_vq16) then read
+and assign strictly.
 """
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -18,41 +24,87 @@ from var_rt.models import vq16
 from var_rt.models import vqvae as vqvae_model
 
 
-def load_var(path, device="cpu", dtype=torch.float32, what="VAR checkpoint") -> var_model.VAR:
-    sd = checkpoint.read_state_dict(path)
-    if "quantize.embedding.weight" in sd or "tok_embeddings.weight" in sd:
-        raise checkpoint.CheckpointError(f"{path}: this is not a VAR transformer checkpoint "
-                                         f"({'a VQVAE' if 'quantize.embedding.weight' in sd else 'a LlamaGen GPT'})")
-    return checkpoint.load_checkpoint(path, var_model.config_from_state_dict, var_model.VAR, what=what, sd=sd,
-                                      dtype=dtype, device=device, ignored=var_model.IGNORED_KEYS)
+@dataclass(frozen=True)
+class Family:
+    what: str                   # in messages: "VAR checkpoint", "LlamaGen GPT", ...
+    read_config: Callable       # (sd, path, **kw) -> config
+    build: Callable             # config -> model (called on meta)
+    ignored: tuple = ()
+    keep_fp32: tuple = ()
 
 
-def load_vqvae(path, device="cpu", dtype=torch.float32) -> vqvae_model.VQVAE:
-    sd = checkpoint.read_state_dict(path)
-    if "quantize.embedding.weight" not in sd:
-        raise checkpoint.CheckpointError(f"{path}: this is not a VAR VQVAE checkpoint (no quantize.embedding.weight; "
-                                         f"first keys: {list(sd)[:5]})")
-    return checkpoint.load_checkpoint(path, vqvae_model.config_from_state_dict, vqvae_model.VQVAE,
-                                      what="VQVAE checkpoint", sd=sd, dtype=dtype, device=device,
-                                      ignored=vqvae_model.IGNORED_KEYS, keep_fp32=vqvae_model.KEEP_FP32)
-
-
-def load_llamagen(path, device="cpu", dtype=torch.float32, image_size=None, n_head=None) -> gpt_model.LlamaGenGPT:
-    """Official c2i_*.pt (weights under `model`, or raw for the FSDP ones; .safetensors too). image_size: 256 / 384
-    (token grid = image_size // 16); default from the saved freqs_cis, else the file name (c2i_XL_384.pt).
-    n_head: only for non-official widths (official ones are known)."""
-    sd = checkpoint.read_state_dict(path)
+def _llamagen_config(sd, path, image_size=None, n_head=None):
     if image_size is None and "freqs_cis" not in sd:
         m = re.search(r"_(256|384|512)(?:\D|$)", os.path.basename(os.fspath(path)))
         image_size = int(m.group(1)) if m else None
-    grid = image_size // 16 if image_size else None
-    return checkpoint.load_checkpoint(
-        path, lambda d: gpt_model.config_from_state_dict(d, grid=grid, n_head=n_head), gpt_model.LlamaGenGPT,
-        what="LlamaGen GPT", sd=sd, dtype=dtype, device=device, ignored=gpt_model.IGNORED_KEYS)
+    return gpt_model.config_from_state_dict(sd, grid=image_size // 16 if image_size else None, n_head=n_head)
 
 
-def load_vq16(path, device="cpu") -> vq16.VQ16:
+FAMILY = {
+    "var": Family("VAR checkpoint", lambda sd, path: var_model.config_from_state_dict(sd), var_model.VAR,
+                  var_model.IGNORED_KEYS),
+    "vqvae": Family("VQVAE checkpoint", lambda sd, path: vqvae_model.config_from_state_dict(sd), vqvae_model.VQVAE,
+                    vqvae_model.IGNORED_KEYS, vqvae_model.KEEP_FP32),
+    "llamagen": Family("LlamaGen GPT", _llamagen_config, gpt_model.LlamaGenGPT, gpt_model.IGNORED_KEYS),
+    "vq16": Family("LlamaGen VQ", lambda sd, path: vq16.config_from_state_dict(sd), vq16.VQ16, vq16.IGNORED_KEYS,
+                   vq16.KEEP_FP32),
+}
+
+
+def _config(path, sd, family: str, label=None, **kw):
+    checkpoint.expect_family(path, sd, family, label)
+    fam = FAMILY[family]
+    try:
+        return fam.read_config(sd, path, **kw)
+    except (ValueError, KeyError, IndexError) as e:
+        raise checkpoint.CheckpointError(f"{label + ': ' if label else ''}{fam.what} {os.fspath(path)}: "
+                                         f"{checkpoint._first_sentence(e, 300)}") from None
+
+
+def inspect(path, family: str, label: str | None = None, **kw):
+    """The config of the `family` ('var' | 'vqvae' | 'llamagen' | 'vq16') checkpoint at `path`, every key and
+    shape checked, without loading its tensors; otherwise FileNotFoundError / CheckpointError, one line naming
+    `label` (the argument: '--vq', 'vq') and the file. kw: image_size, n_head for 'llamagen'."""
+    try:
+        sd = checkpoint.peek_state_dict(path)
+    except (FileNotFoundError, checkpoint.CheckpointError) as e:
+        if not label:
+            raise
+        raise type(e)(f"{label}: {e}") from None
+    cfg = _config(path, sd, family, label, **kw)
+    fam = FAMILY[family]
+    with torch.device("meta"):
+        model = fam.build(cfg)
+    checkpoint.check_state_dict(model, sd, fam.ignored, f"{label + ': ' if label else ''}{fam.what} {os.fspath(path)}")
+    return cfg
+
+
+def load(path, family: str, device="cpu", dtype=torch.float32, label: str | None = None, what: str | None = None,
+         **kw):
+    """Read, check and assign a `family` checkpoint strictly (see inspect); the model in eval mode."""
+    sd = checkpoint.read_state_dict(path)
+    fam = FAMILY[family]
+    cfg = _config(path, sd, family, label, **kw)
+    return checkpoint.load_checkpoint(path, lambda _: cfg, fam.build, what=what or fam.what, sd=sd, dtype=dtype,
+                                      device=device, ignored=fam.ignored, keep_fp32=fam.keep_fp32)
+
+
+def load_var(path, device="cpu", dtype=torch.float32, what="VAR checkpoint", label=None) -> var_model.VAR:
+    return load(path, "var", device, dtype, label=label, what=what)
+
+
+def load_vqvae(path, device="cpu", dtype=torch.float32, label=None) -> vqvae_model.VQVAE:
+    return load(path, "vqvae", device, dtype, label=label)
+
+
+def load_llamagen(path, device="cpu", dtype=torch.float32, image_size=None, n_head=None,
+                  label=None) -> gpt_model.LlamaGenGPT:
+    """Official c2i_*.pt (weights under `model`, or raw for the FSDP ones; .safetensors too). image_size: 256 / 384
+    (token grid = image_size // 16); default from the saved freqs_cis, else the file name (c2i_XL_384.pt).
+    n_head: only for non-official widths (official ones are known)."""
+    return load(path, "llamagen", device, dtype, label=label, image_size=image_size, n_head=n_head)
+
+
+def load_vq16(path, device="cpu", label=None) -> vq16.VQ16:
     """vq_ds16_c2i.pt: the LlamaGen VQ-16 tokenizer (decoder side), fp32."""
-    return checkpoint.load_checkpoint(path, vq16.config_from_state_dict, vq16.VQ16, what="LlamaGen VQ",
-                                      dtype=torch.float32, device=device, ignored=vq16.IGNORED_KEYS,
-                                      keep_fp32=vq16.KEEP_FP32)
+    return load(path, "vq16", device, torch.float32, label=label)

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from var_rt import ops
+from var_rt import loaders, ops
 from var_rt.loaders import load_var, load_vqvae
 from var_rt.models import var as var_model
 from var_rt.models import vqvae as vqvae_model
-from var_rt.pipeline_base import (PipelineBase, SamplingSettings, check_class_labels, check_seeds, image_seeds,
-                                  resolve_dtype)
+from var_rt.pipeline_base import (PipelineBase, SamplingSettings, check_class_labels, check_device, check_int,
+                                  check_seeds, decode_in_chunks, image_seeds, resolve_dtype)
 from var_rt.runtime.kv_pool import KVPool
 from var_rt.runtime.schedule import var_schedule
 from var_rt.runtime.var import PRESETS, run_var
@@ -16,33 +16,56 @@ from var_rt.runtime.var import PRESETS, run_var
 __all__ = ["VARPipeline", "PRESETS", "SamplingSettings", "resolve_dtype", "image_seeds", "check_class_labels"]
 
 
+def check_model_args(var=None, drafter=None, refiner=None, draft_steps=None) -> None:
+    """One model source: var= (plain VAR) or drafter= (+ refiner= and draft_steps=, CoDe); ValueError otherwise."""
+    if var is not None and (drafter is not None or refiner is not None):
+        both = ", ".join(n for n, v in (("drafter=", drafter), ("refiner=", refiner)) if v is not None)
+        raise ValueError(f"give either var= (plain VAR) or drafter= and refiner= (CoDe), not var= with {both}")
+    if var is None and drafter is None:
+        raise ValueError("no model: give var= or drafter= (+ refiner= and draft_steps=)" +
+                         (" (refiner= needs a drafter=)" if refiner is not None else ""))
+    if drafter is not None and draft_steps is None:
+        raise ValueError("CoDe (drafter=) needs draft_steps=N: the scales the drafter runs (N = all scales: the "
+                         "drafter alone)")
+
+
+def var_settings(num_scales: int, cfg=4.0, top_k=900, top_p=0.95, temperature=1.0, preset=None) -> SamplingSettings:
+    """The validated settings of a call to a VAR model of `num_scales` scales (SamplingSettings' rules); a preset
+    ('code-eval', 'var-demo') overrides the four values and must fit the scale count."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"preset {preset!r}: expected one of {sorted(PRESETS)}")
+        p = PRESETS[preset]
+        for k in ("top_k", "top_p", "temperature"):
+            if isinstance(p[k], (list, tuple)) and len(p[k]) != num_scales:
+                raise ValueError(f"preset {preset!r} has {len(p[k])} per-scale {k} values (one per scale of a "
+                                 f"{len(p[k])}-scale model); this model has {num_scales} scales: give the sampling "
+                                 "settings instead")
+        cfg, top_k, top_p, temperature = (p[k] for k in ("cfg", "top_k", "top_p", "temperature"))
+    return SamplingSettings.build(cfg, top_k, top_p, temperature, steps=num_scales)
+
+
 class VARPipeline(PipelineBase):
     """VAR sampling; with a drafter and a refiner, CoDe. Images come back as (B, 3, H, W) floats in [0, 1]."""
 
     def __init__(self, vae, var=None, drafter=None, refiner=None, draft_steps=None, device="cpu", backend=None):
-        if var is not None and (drafter is not None or refiner is not None):
-            raise ValueError("give either var= (plain VAR) or drafter= and refiner= (CoDe), not both")
-        if var is None and drafter is None:
-            raise ValueError("no model: give var= or drafter= (+ refiner= and draft_steps=)")
+        check_model_args(var, drafter, refiner, draft_steps)
+        self.check_configs({k: m.cfg for k, m in (("main", var), ("drafter", drafter), ("refiner", refiner))
+                            if m is not None}, vae.cfg, draft_steps)
         self.vae = vae
         self._init_base(device, backend)
         if var is not None:
             self.models = {"main": var}
             self.draft_steps = None
         else:
-            K = len(drafter.cfg.patch_nums)
-            if draft_steps is None:
-                raise ValueError(f"CoDe needs draft_steps (1..{K - 1}; {K} = drafter alone)")
             self.models = {"drafter": drafter}
-            if draft_steps < K:
-                if refiner is None:
-                    raise ValueError(f"draft_steps={draft_steps} < {K} scales needs a refiner")
+            if draft_steps < len(drafter.cfg.patch_nums):
                 self.models["refiner"] = refiner
             self.draft_steps = draft_steps
-        self._check_compatible()
         self.schedule = var_schedule(len(self.cfg.patch_nums), self.draft_steps)
-        if self.device.type == "cuda":  # the VQVAE decoder's convs: let cuDNN pick its fastest algorithms
-            torch.backends.cudnn.benchmark = True
+        # cudnn.benchmark stays as the user set it (off by default): with it on, cuDNN times candidate conv algorithms
+        # in each process and may pick different ones in two processes (a resumed or torchrun-sharded run), and the
+        # decoded bytes would then depend on the process (see pipeline_base.DECODE_CHUNK).
 
     @property
     def cfg(self) -> var_model.VARConfig:
@@ -56,55 +79,98 @@ class VARPipeline(PipelineBase):
     def image_size(self) -> int:
         return self.cfg.patch_nums[-1] * self.vae.cfg.downsample
 
-    def _check_compatible(self):
-        ref_name, ref = next(iter(self.models.items()))
-        for name, m in self.models.items():
+    @staticmethod
+    def check_configs(cfgs: dict, vae_cfg, draft_steps=None) -> None:
+        """The models fit together, checked on their configs (so before anything is loaded): cfgs is
+        {"main": VARConfig} or {"drafter": ..., "refiner": ...} (the refiner may be absent at draft_steps = K);
+        draft_steps in 1..K for CoDe (a refiner needed below K), None for plain VAR."""
+        ref_name, ref = next(iter(cfgs.items()))
+        K = len(ref.patch_nums)
+        if "drafter" in cfgs:
+            check_int(draft_steps, "draft_steps", 1, K)
+            if draft_steps < K and "refiner" not in cfgs:
+                raise ValueError(f"draft_steps={draft_steps} < {K} scales needs a refiner (refiner=), or "
+                                 f"draft_steps={K} for the drafter alone")
+        elif draft_steps is not None:
+            raise ValueError(f"draft_steps={draft_steps!r} is for CoDe (drafter= and refiner=), not var=")
+        for name, c in cfgs.items():
             for field in ("vocab", "cvae", "patch_nums", "num_classes"):
-                a, b = getattr(ref.cfg, field), getattr(m.cfg, field)
+                a, b = getattr(ref, field), getattr(c, field)
                 if a != b:
                     raise ValueError(f"{ref_name} and {name} disagree on {field}: {a} vs {b}")
-        if (ref.cfg.vocab, ref.cfg.cvae) != (self.vae.cfg.vocab, self.vae.cfg.cvae):
-            raise ValueError(f"VAR ({ref.cfg.vocab} tokens x {ref.cfg.cvae} channels) does not match the VQVAE "
-                             f"({self.vae.cfg.vocab} x {self.vae.cfg.cvae})")
-        K = len(ref.cfg.patch_nums)
-        if self.draft_steps is not None and not 1 <= self.draft_steps <= K:
-            raise ValueError(f"draft_steps must be in 1..{K}, got {self.draft_steps}")
+        if (ref.vocab, ref.cvae) != (vae_cfg.vocab, vae_cfg.cvae):
+            raise ValueError(f"the VAR model ({ref.vocab} tokens x {ref.cvae} channels) does not match the VQVAE "
+                             f"({vae_cfg.vocab} x {vae_cfg.cvae})")
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
     def from_checkpoints(cls, var=None, vae=None, drafter=None, refiner=None, draft_steps=None, device="cpu",
                          dtype=None, backend=None) -> "VARPipeline":
-        """dtype None: bf16 on CUDA, fp32 on the CPU (as the command line)."""
+        """dtype None: bf16 on CUDA, fp32 on the CPU (as the command line). Every argument and every file (its
+        family, config, keys and shapes: loaders.inspect) is checked before any file is loaded."""
+        check_model_args(var, drafter, refiner, draft_steps)
         if vae is None:
             raise ValueError("vae= (vae_ch160v4096z32.pth) is required")
-        kw = dict(device=device, dtype=resolve_dtype(dtype, device))
+        kw = dict(device=check_device(device), dtype=resolve_dtype(dtype, device))
+        ops.resolve_backend(backend, device)
+        files = {"main": var} if var is not None else {"drafter": drafter, "refiner": refiner}
+        files = {k: v for k, v in files.items() if v is not None}
+        vae_cfg = loaders.inspect(vae, "vqvae", "vae")
+        cfgs = {k: loaders.inspect(f, "var", "var" if k == "main" else k) for k, f in files.items()}
+        cls.check_configs(cfgs, vae_cfg, draft_steps)
+        if draft_steps is not None and draft_steps == len(cfgs["drafter"].patch_nums):
+            files.pop("refiner", None)  # the drafter alone: the refiner is not loaded
+        models = {k: load_var(f, what="VAR checkpoint" if k == "main" else k, **kw) for k, f in files.items()}
         vq = load_vqvae(vae, **kw)
         if var is not None:
-            return cls(vq, var=load_var(var, **kw), device=device, backend=backend)
-        if drafter is None:
-            raise ValueError("give var= (plain VAR) or drafter= and refiner= (CoDe)")
-        d = load_var(drafter, what="drafter", **kw)
-        r = load_var(refiner, what="refiner", **kw) if refiner is not None else None
-        return cls(vq, drafter=d, refiner=r, draft_steps=draft_steps, device=device, backend=backend)
+            return cls(vq, var=models["main"], device=device, backend=backend)
+        return cls(vq, drafter=models["drafter"], refiner=models.get("refiner"), draft_steps=draft_steps,
+                   device=device, backend=backend)
+
+    @classmethod
+    def from_pretrained(cls, name, device="cpu", dtype=None, revision=None, cache_dir=None, local_files_only=None,
+                        backend=None, draft_steps=None) -> "VARPipeline":
+        """An official model by name ('var-d30', 'code-8', 'code-free-8': var_rt.hub.MODELS, `var-rt models`), its
+        files fetched through huggingface_hub (its cache, HF_HOME, HF_HUB_OFFLINE; revision pins the model's repo),
+        then loaded by from_checkpoints. draft_steps: CoDe names only (default: the name's N). The name's sampling
+        preset is `pipe.hub_model.preset` (code-eval for CoDe: pipe(labels, preset="code-eval"))."""
+        from var_rt import hub
+        return hub.from_pretrained(cls, "var", name, device=device, dtype=dtype, revision=revision,
+                                   cache_dir=cache_dir, local_files_only=local_files_only, backend=backend,
+                                   draft_steps=draft_steps)
 
     @classmethod
     def random(cls, depth=16, refiner_depth=None, draft_steps=None, vae_cfg=None, device="cpu", dtype=None,
                seed=0, backend=None, **var_kw) -> "VARPipeline":
         """Random weights (no files): `depth` is an official depth or a VARConfig; for tests and benchmarks.
         dtype None: bf16 on CUDA, fp32 on the CPU."""
+        check_device(device)
         dt = resolve_dtype(dtype, device)
+        ops.resolve_backend(backend, device)
 
-        def build(d, s):
-            cfg = d if isinstance(d, var_model.VARConfig) else var_model.VARConfig.official(d, **var_kw)
+        def config(d, name):
+            if isinstance(d, var_model.VARConfig):
+                return d
+            return var_model.VARConfig.official(check_int(d, name, 1, 64), **var_kw)
+        vae_cfg = vae_cfg or vqvae_model.VQVAEConfig()
+        if refiner_depth is None and draft_steps is None:
+            cfgs = {"main": config(depth, "depth")}
+        else:
+            cfgs = {"drafter": config(depth, "depth")}
+            if refiner_depth is not None:
+                cfgs["refiner"] = config(refiner_depth, "refiner_depth")
+        cls.check_configs(cfgs, vae_cfg, draft_steps)  # before anything is built
+
+        def build(cfg, s):
             m = var_model.init_random_(var_model.VAR(cfg), s).to(device=device, dtype=dt)
             return m.eval().requires_grad_(False)
-        vae = vqvae_model.init_random_(vqvae_model.VQVAE(vae_cfg or vqvae_model.VQVAEConfig()), seed)
+        vae = vqvae_model.init_random_(vqvae_model.VQVAE(vae_cfg), seed)
         vae = vae.to(device).eval().requires_grad_(False)
         vae.decoder.to(dt)
-        if refiner_depth is None and draft_steps is None:
-            return cls(vae, var=build(depth, seed), device=device, backend=backend)
-        d = build(depth, seed)
-        r = build(refiner_depth, seed + 1) if refiner_depth is not None else None
+        if "main" in cfgs:
+            return cls(vae, var=build(cfgs["main"], seed), device=device, backend=backend)
+        d = build(cfgs["drafter"], seed)
+        r = build(cfgs["refiner"], seed + 1) if "refiner" in cfgs else None
         return cls(vae, drafter=d, refiner=r, draft_steps=draft_steps, device=device, backend=backend)
 
     # ---- sampling -----------------------------------------------------------------------------------------------
@@ -115,18 +181,20 @@ class VARPipeline(PipelineBase):
 
     def kv_pool(self, batch: int) -> KVPool:
         """The arena of a batch (2B rows per model); CoDe's refiner reuses the drafter's bytes."""
-        return self._kv_pool(batch, lambda: {name: [m.kv_shape(2 * batch)] * m.cfg.depth
+        return self._kv_pool(batch, lambda: {name: [m.kv_shape(2 * batch, self.kv_tokens(name))] * m.cfg.depth
                                              for name, m in self.models.items()},
                              next(iter(self.models.values())).head.weight.dtype, share=True)
+
+    def kv_tokens(self, model: str) -> int:
+        """KV slots a model's cache needs: the tokens up to the last scale it runs (CoDe's drafter at N=8 needs
+        255 of 680, which keeps the shared arena the refiner's size rather than the drafter's whole pyramid)."""
+        bounds = self.cfg.scale_bounds()
+        return max(bounds[max(p.scales)][1] for p in self.schedule if p.model == model)
 
     def sampling_settings(self, cfg=4.0, top_k=900, top_p=0.95, temperature=1.0, preset=None) -> SamplingSettings:
         """The validated settings of a call: scalars or one value per scale; a preset ('code-eval', 'var-demo')
         overrides the four values."""
-        if preset is not None:
-            if preset not in PRESETS:
-                raise ValueError(f"preset {preset!r}: expected one of {sorted(PRESETS)}")
-            cfg, top_k, top_p, temperature = (PRESETS[preset][k] for k in ("cfg", "top_k", "top_p", "temperature"))
-        return SamplingSettings.build(cfg, top_k, top_p, temperature, steps=len(self.cfg.patch_nums))
+        return var_settings(len(self.cfg.patch_nums), cfg, top_k, top_p, temperature, preset)
 
     @torch.no_grad()
     def __call__(self, class_labels, cfg=4.0, top_k=900, top_p=0.95, temperature=1.0, seed=0, seeds=None,
@@ -134,35 +202,48 @@ class VARPipeline(PipelineBase):
         """Sample one image per class label. Same seed (or per-image `seeds`) -> same images.
         cfg, top_k, top_p, temperature: scalars or lists of one value per scale (rules: SamplingSettings).
         preset: 'code-eval' or 'var-demo' (overrides the sampling settings). Returns (B, 3, H, W) float32 in [0, 1]."""
-        return self.decode(self.generate_latents(class_labels, cfg, top_k, top_p, temperature, seed, seeds, preset,
-                                                 progress))
+        f_hat, images = self._sample(class_labels, cfg, top_k, top_p, temperature, seed, seeds, preset, progress,
+                                     decode=True)
+        return images if images is not None else self.decode(f_hat, progress=progress)
 
     @torch.no_grad()
-    def decode(self, f_hat) -> torch.Tensor:
-        """f_hat (B, Cvae, h, w) -> images (B, 3, H, W) float32 in [0, 1], on this pipeline's backend."""
-        with ops.use_backend(self.backend):
-            return self.vae.fhat_to_img(f_hat)
+    def decode(self, f_hat, progress=False) -> torch.Tensor:
+        """f_hat (B, Cvae, h, w) -> images (B, 3, H, W) float32 in [0, 1], on this pipeline's backend, in chunks of
+        `decode_chunk` images (an image's bytes do not depend on the batch: pipeline_base.DECODE_CHUNK)."""
+        return self._decode(self.vae.fhat_to_img, f_hat, progress)
 
     @torch.no_grad()
     def generate_latents(self, class_labels, cfg=4.0, top_k=900, top_p=0.95, temperature=1.0, seed=0, seeds=None,
                          preset=None, progress=False) -> torch.Tensor:
         """Tokens only: the final f_hat (B, Cvae, h, w) fp32; token ids of every scale in `last_tokens`."""
+        return self._sample(class_labels, cfg, top_k, top_p, temperature, seed, seeds, preset, progress)[0]
+
+    def _sample(self, class_labels, cfg, top_k, top_p, temperature, seed, seeds, preset, progress, decode=False):
+        """(f_hat, images or None). With CUDA graphs at batch 1 the decoder runs inside the generation's graph
+        (its ~100 launches cost more than its work there), as one chunk of `decode_chunk` (padded like `decode`,
+        so the bytes are those of an eager decode); otherwise images are left to `decode`."""
         params = self.sampling_settings(cfg, top_k, top_p, temperature, preset)
         labels = self.check_labels(class_labels)
         B = labels.numel()
         seeds = check_seeds(B, seed, seeds)
         pool = self.kv_pool(B)
         labels, seeds = labels.to(self.device), seeds.to(self.device)
+        in_graph = decode and B == 1 and self.use_graphs
 
         def run(lab, sd, bar):
-            return run_var(self.models, self.vae, self.schedule, lab, sd, params, pool, progress=bar)
+            f_hat, tokens = run_var(self.models, self.vae, self.schedule, lab, sd, params, pool, progress=bar)
+            if not in_graph:
+                return f_hat, tokens
+            return f_hat, tokens, decode_in_chunks(self.vae.fhat_to_img, f_hat, self.decode_chunk)
         K = len(self.cfg.patch_nums)
-        f_hat, tokens = self._generate((B, params, self.backend), run, labels, seeds, capture=True,
-                                       progress=progress, total=K, desc=f"VAR {B} img", unit="scale")
+        key = (B, params, self.backend, self.decode_chunk if in_graph else 0)
+        out = self._generate(key, run, labels, seeds, capture=True, progress=progress, total=K, desc=f"VAR {B} img",
+                             unit="scale")
+        f_hat, tokens = out[0], out[1]
         self.last_tokens = tokens
         self.last_forward_passes = K  # one transformer pass per scale (CoDe's refiner prefill samples scale N)
         self.last_stats = {
             "kv_pool_bytes": pool.nbytes,
             **{f"kv_bytes_{name}": pool.model_bytes(name) for name in self.models},
         }
-        return f_hat
+        return f_hat, (out[2] if in_graph else None)

@@ -18,6 +18,14 @@ def add_parser(sub) -> None:
 
 
 def cmd_info(a) -> int:
+    if a.device is not None:  # checked before anything is printed: cpu, cuda or cuda:N (a CPU may describe cuda)
+        try:
+            ok = torch.device(a.device).type in ("cpu", "cuda")
+        except (RuntimeError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            from var_rt.cli.args import UsageError
+            raise UsageError(f"--device {a.device}: expected cpu, cuda or cuda:N")
     import var_rt
     from var_rt import _ext, ops
     print(f"var_rt  {var_rt.__version__}")

@@ -1,7 +1,9 @@
-"""`var-rt sample` and `var-rt fid`: the arguments of evaluation runs; the runs themselves are var_rt.evaluation."""
+"""`var-rt sample`: the arguments of evaluation runs; the runs themselves are var_rt.evaluation (`var-rt fid`:
+fid.py)."""
 from __future__ import annotations
 
-from var_rt.cli.args import add_model_args, add_sampling_args, build_pipeline, sampling_kwargs
+from var_rt.cli.args import (UsageError, add_model_args, add_quiet, add_sampling_args, build_pipeline, check_count,
+                             check_model, check_output, check_sampling, sampling_kwargs)
 
 
 def add_parser(sub) -> None:
@@ -14,19 +16,19 @@ def add_parser(sub) -> None:
                         "parser takes --num for its --numa-binding)")
     s.add_argument("--batch", type=int, default=16)
     s.add_argument("--out", required=True, help="folder for {index:06d}.png; DIR.npz is written beside it")
+    add_quiet(s)
     s.set_defaults(fn=cmd_sample)
-    f = sub.add_parser("fid", help="FID of DIR.npz against a reference npz (pytorch-fid, local weights only)")
-    f.add_argument("npz")
-    f.add_argument("--ref", required=True)
-    f.set_defaults(fn=cmd_fid)
 
 
 def cmd_sample(a) -> int:
     from var_rt import evaluation
-    return evaluation.run(a, build_pipeline, sampling_kwargs)
-
-
-def cmd_fid(a) -> int:
-    from var_rt import evaluation
-    print(f"FID {evaluation.fid(a.npz, a.ref):.3f}")
-    return 0
+    check_count(a.batch, "--batch")  # everything before anything is loaded (the output folder: cli.main)
+    check_count(a.per_class, "--per-class")
+    check_count(a.num, "--num")
+    check_output(a.out.rstrip("/") + ".npz", "--out (DIR.npz beside it)")
+    plan = check_model(a)
+    check_sampling(a, plan)
+    if a.num is not None and a.num > plan.num_classes * a.per_class:
+        raise UsageError(f"--num {a.num}: more than the {plan.num_classes * a.per_class} images of "
+                         f"{plan.num_classes} classes x --per-class {a.per_class}")
+    return evaluation.run(a, lambda a, log=print: build_pipeline(a, log, plan), sampling_kwargs)

@@ -197,7 +197,8 @@ def format_table(rows: list[dict]) -> str:
     lines = [f"{'method':28s} {'n':>5s} {'accuracy':>9s} {'frechet':>9s} {'time':>8s}"]
     for r in rows:
         t = f"{r['seconds']:.1f} s" if r.get("seconds") is not None else "-"
-        lines.append(f"{r['method']:28s} {r['n']:5d} {r['accuracy']:9.3f} {r['frechet']:9.3f} {t:>8s}")
+        lines.append(f"{r['method']:28s} {r['n']:5d} {r['accuracy']:9.3f} {r['frechet']:9.3f} {t:>8s}"
+                     + (f"  {r['info']}" if r.get("info") else ""))
     return "\n".join(lines)
 
 

@@ -17,7 +17,8 @@ from var_rt.demo.data import CLASSES, NUM_CLASSES
 
 
 def _var_methods(weights):
-    """[(column name, generate(labels, seed) -> images01, info())] for the VAR drafter and CoDe."""
+    """[(column name, generate(labels, seed, progress=False) -> images01, info())] for the VAR drafter and CoDe
+    (progress: the pipeline's bars, scales then decoding)."""
     from var_rt.demo import models as dm
     samp = dm.demo_sampling(weights)
     out = []
@@ -25,14 +26,40 @@ def _var_methods(weights):
         pipe = dm.load_demo_var(n, weights)
         name = "VAR drafter" if n is None else f"CoDe N={n}"
 
-        def gen(labels, seed, pipe=pipe):
-            return pipe(labels, seeds=[ops.mix_seed(seed, i) for i in range(len(labels))], **samp)
+        def gen(labels, seed, pipe=pipe, progress=False):
+            return pipe(labels, seeds=[ops.mix_seed(seed, i) for i in range(len(labels))], progress=progress, **samp)
         out.append((name, gen, lambda: ""))
     return out
 
 
-def _llamagen_methods(log=print):
-    """LlamaGen sequential + ZipAR at the two demo windows, or [] (with the reason printed) when missing."""
+def parse_llamagen_methods(spec: str) -> list:
+    """--llamagen-methods: comma-separated seq | zipar-W | zipar-W-official | sjd-L | sjd-L-relaxed-K ->
+    [(column name, pipeline keyword arguments)]. ValueError on anything else."""
+    out = []
+    for m in (x.strip() for x in spec.split(",") if x.strip()):
+        f = m.split("-")
+        try:
+            if f == ["seq"]:
+                out.append(("LlamaGen seq", {}))
+            elif f[0] == "zipar" and len(f) in (2, 3) and (len(f) == 2 or f[2] in ("exact", "official")):
+                mask = f[2] if len(f) == 3 else "exact"
+                out.append((f"ZipAR w={int(f[1])}" + (" official" if mask == "official" else ""),
+                             dict(zipar_window=int(f[1]), zipar_mask=mask)))
+            elif f[0] == "sjd" and (len(f) == 2 or (len(f) == 4 and f[2] == "relaxed")) and int(f[1]) >= 1:
+                k = int(f[3]) if len(f) == 4 else 0
+                out.append((f"SJD L={int(f[1])}" + (f" relaxed {k}" if k else ""),
+                             dict(sjd_window=int(f[1]), sjd_relaxed=k)))
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"LlamaGen method {m!r}: expected seq, zipar-W, zipar-W-official, sjd-L or "
+                             "sjd-L-relaxed-K") from None
+    return out
+
+
+def _llamagen_methods(log=print, spec=None):
+    """LlamaGen sequential + ZipAR at the two demo windows (or the methods of `spec`, parse_llamagen_methods), or
+    [] (with the reason printed) when missing."""
     try:
         from var_rt.demo import models as dm
         pipe = dm.load_demo_llamagen(device="cpu")
@@ -40,24 +67,35 @@ def _llamagen_methods(log=print):
     except (ImportError, FileNotFoundError, AttributeError) as e:
         log(f"LlamaGen demo models not available ({type(e).__name__}: {e}): VAR columns only")
         return []
+    todo = parse_llamagen_methods(spec or ",".join(["seq", *(f"zipar-{w}" for w in windows)]))
     out = []
-    for w in (None, *windows):
-        def gen(labels, seed, w=w):
+    for name, kw in todo:
+        stats = {"passes": [], "acc": []}
+
+        def gen(labels, seed, kw=kw, stats=stats, progress=False):
             seeds = [ops.mix_seed(seed, i) for i in range(len(labels))]
-            return pipe(torch.as_tensor(labels), seeds=seeds, zipar_window=w, **samp)
-        out.append(("LlamaGen seq" if w is None else f"ZipAR w={w}", gen,
-                    lambda: f"{getattr(pipe, 'last_forward_passes', '?')} passes"))
+            imgs = pipe(torch.as_tensor(labels), seeds=seeds, progress=progress, **kw, **samp)
+            st = getattr(pipe, "last_stats", {}) or {}
+            stats["passes"] += st.get("sjd_passes", [pipe.last_forward_passes] * len(labels))
+            stats["acc"] += st.get("sjd_acceptance", [])
+            return imgs
+
+        def info(stats=stats):
+            p, a = stats["passes"], stats["acc"]
+            txt = f"{sum(p) / max(len(p), 1):.1f} passes/img" if p else "? passes"
+            return txt + (f", acceptance {sum(a) / len(a):.3f}" if a else "")
+        out.append((name, gen, info))
     return out
 
 
-def methods(which="all", weights=None, log=print):
+def methods(which="all", weights=None, log=print, llamagen=None):
     from var_rt.demo import models as dm
     weights = weights or dm.WEIGHTS_DIR
     out = []
     if which in ("all", "var"):
         out += _var_methods(weights)
     if which in ("all", "llamagen"):
-        out += _llamagen_methods(log)
+        out += _llamagen_methods(log, llamagen)
     return out
 
 
@@ -96,10 +134,10 @@ def cmd_demo(a) -> int:
     classes = a.classes or list(range(NUM_CLASSES))
     labels = [c for c in classes for _ in range(a.samples)]
     cols = []
-    for name, gen, info in methods(a.methods, a.weights):
+    for name, gen, info in methods(a.methods, a.weights, llamagen=getattr(a, "llamagen_methods", None)):
         t0 = time.time()
         with torch.no_grad():
-            imgs = gen(labels, a.seed)
+            imgs = gen(labels, a.seed, progress=not getattr(a, "quiet", False))
         dt = time.time() - t0
         extra = info()
         cols.append((name, f"{dt:.2f} s" + (f", {extra}" if extra else ""), imgs))
@@ -119,12 +157,22 @@ def cmd_eval(a) -> int:
     labels = torch.arange(NUM_CLASSES).repeat(n)
     xr, yr = classifier.real_images(n, seed=classifier.HELDOUT_SEED + 1)
     rows = [classifier.evaluate("real SHAPES-10 (other seed)", xr, yr)]
-    for name, gen, info in methods(a.methods, a.weights):
+    for name, gen, info in methods(a.methods, a.weights, llamagen=getattr(a, "llamagen_methods", None)):
         t0, out = time.time(), []
+        bar = None
+        if not getattr(a, "quiet", False):  # per method, advanced per batch: img/s and ETA
+            from tqdm import tqdm
+            bar = tqdm(total=len(labels), desc=name, unit="img", leave=False, dynamic_ncols=True)
         with torch.no_grad():
             for i in range(0, len(labels), a.batch):  # per-chunk seeds: image j's seed depends on (seed, j) only
                 out.append(gen(labels[i:i + a.batch].tolist(), ops.mix_seed(a.seed, i)))
+                if bar is not None:
+                    bar.update(len(out[-1]))
+        if bar is not None:
+            bar.close()
         rows.append(classifier.evaluate(name, torch.cat(out), labels, time.time() - t0))
+        if info():
+            rows[-1]["info"] = info()
         print(classifier.format_table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(f"SHAPES-10, {n} samples per class, seed {a.seed}; Frechet distance of classifier features vs "
@@ -132,6 +180,7 @@ def cmd_eval(a) -> int:
     print(classifier.format_table(rows))
     if a.json:
         import json
-        with open(a.json, "w") as f:
+        from var_rt.images import atomic_path
+        with atomic_path(a.json, suffix=".json") as tmp, open(tmp, "w") as f:
             json.dump(rows, f, indent=1)
     return 0

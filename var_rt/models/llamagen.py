@@ -25,7 +25,6 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from var_rt import ops
 
@@ -149,8 +148,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaGenConfig):
         super().__init__()
         self.H, self.Hkv, self.D = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.wqkv = nn.Linear(cfg.dim, (self.H + 2 * self.Hkv) * self.D, bias=False)
-        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wqkv = ops.Linear(cfg.dim, (self.H + 2 * self.Hkv) * self.D, bias=False)
+        self.wo = ops.Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x, kv, slots, rope, vis, backend="torch"):
         """x (N, Q, C) normed; kv (2, N, Hkv, L, D) this layer's cache view; slots (Q,) int64; rope (L, D/2, 2);
@@ -170,9 +169,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: LlamaGenConfig):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
-        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+        self.w1 = ops.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w3 = ops.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w2 = ops.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
         self._fused = None   # (w13, w1.weight, w3.weight) after fuse_weights_()
 
     @torch.no_grad()
@@ -208,7 +207,7 @@ class FeedForward(nn.Module):
         its backend: on the fast one w1 and w3 are one GEMM (when fused) and the gate one SwiGLU kernel."""
         w13 = self.fused_weight() if backend != "torch" else None
         if w13 is not None:
-            a, b = F.linear(x, w13).chunk(2, dim=-1)                          # (N, Q, F) views of (N, Q, 2F)
+            a, b = ops.linear(x, w13).chunk(2, dim=-1)                          # (N, Q, F) views of (N, Q, 2F)
         else:
             a, b = self.w1(x), self.w3(x)
         return self.w2(ops.swiglu(a, b, backend=backend))
@@ -241,7 +240,7 @@ class LlamaGenGPT(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = ops.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self._rope = {}
 
     def rope_table(self, device) -> torch.Tensor:

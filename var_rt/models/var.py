@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from var_rt import ops
 
@@ -64,11 +63,11 @@ class Attention(nn.Module):
     def __init__(self, C: int, heads: int):
         super().__init__()
         self.heads, self.head_dim = heads, C // heads
-        self.mat_qkv = nn.Linear(C, 3 * C, bias=False)
+        self.mat_qkv = ops.Linear(C, 3 * C, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(C))
         self.v_bias = nn.Parameter(torch.zeros(C))
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), math.log(4.0)))
-        self.proj = nn.Linear(C, C)
+        self.proj = ops.Linear(C, C)
 
     def constants(self):
         """(qkv bias, per-head scale): the official q bias / zero k bias / v bias, and exp(min(scale_mul, ln 100))
@@ -90,7 +89,7 @@ class Attention(nn.Module):
         """h (N, l, C) AdaLN'd tokens; kv (2, N, H, Lmax, D) pool view. The attention kernel writes this step's
         normalised k and v at [start, start+l) and attends to [0, start+l). Returns (N, l, C) before gamma1."""
         bias, scale_mul = consts
-        qkv = F.linear(h, self.mat_qkv.weight, bias)  # (N, l, 3C), official packing q | k | v
+        qkv = ops.linear(h, self.mat_qkv.weight, bias)  # (N, l, 3C), official packing q | k | v
         o = ops.var_attention(qkv, kv, start, scale_mul, q_scale, k_scale)  # (N, l, C)
         return self.proj(o)
 
@@ -98,8 +97,8 @@ class Attention(nn.Module):
 class FFN(nn.Module):
     def __init__(self, C: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(C, hidden)
-        self.fc2 = nn.Linear(hidden, C)
+        self.fc1 = ops.Linear(C, hidden)
+        self.fc2 = ops.Linear(hidden, C)
 
     def forward(self, h):  # tanh GELU; fc1 + GELU is one GEMM with an epilogue on the fast path
         return self.fc2(ops.linear_gelu(h, self.fc1.weight, self.fc1.bias))
@@ -115,7 +114,7 @@ class Block(nn.Module):
         if cfg.shared_aln:
             self.ada_gss = nn.Parameter(torch.zeros(1, 1, 6, C))
         else:
-            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+            self.ada_lin = nn.Sequential(nn.SiLU(), ops.Linear(C, 6 * C))
 
     def ada_params(self, cond, shared):
         """(gamma1, gamma2, scale1, scale2, shift1, shift2), each (N, 1, C); constant over a whole generation."""
@@ -137,7 +136,7 @@ class HeadNorm(nn.Module):  # official AdaLNBeforeHead: only `ada_lin` has weigh
     def __init__(self, C: int):
         super().__init__()
         self.C = C
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
+        self.ada_lin = nn.Sequential(nn.SiLU(), ops.Linear(C, 2 * C))
 
 
 class VAR(nn.Module):
@@ -145,16 +144,16 @@ class VAR(nn.Module):
         super().__init__()
         self.cfg = cfg
         C, K = cfg.width, len(cfg.patch_nums)
-        self.word_embed = nn.Linear(cfg.cvae, C)
+        self.word_embed = ops.Linear(cfg.cvae, C)
         self.class_emb = nn.Embedding(cfg.num_classes + 1, C)  # last row: unconditional (CFG)
         self.pos_start = nn.Parameter(torch.zeros(1, cfg.patch_nums[0] ** 2, C))
         self.pos_1LC = nn.Parameter(torch.zeros(1, cfg.L, C))
         self.lvl_embed = nn.Embedding(K, C)
         if cfg.shared_aln:
-            self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+            self.shared_ada_lin = nn.Sequential(nn.SiLU(), ops.Linear(C, 6 * C))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.head_nm = HeadNorm(C)
-        self.head = nn.Linear(C, cfg.vocab)
+        self.head = ops.Linear(C, cfg.vocab)
 
     # ---- per generation -------------------------------------------------------------------------------------
     def prepare(self, labels2: torch.Tensor) -> dict:

@@ -11,6 +11,7 @@ implementation runs and why (`var-rt info`).
     dispatch.py   backends, use_backend, the Triton gate (triton_fn: the one patch point), describe_backends
     attention.py  var_attention (VAR, + KV-pool write), zipar_attention (LlamaGen/ZipAR) and its visibility mask
     norms.py      adaln, residual_adaln, group_norm_silu, residual_group_norm_silu, rms_norm, residual_rms_norm
+    gemm.py       linear, Linear (the transformers' GEMMs; rows padded on the CPU: batch-independent results)
     mlp.py        linear_gelu (cuBLASLt epilogue), swiglu
     rope.py       apply_rope, rope_kv_write
     resample.py   upsample_bicubic, downsample_area
@@ -21,6 +22,7 @@ from var_rt.ops import dispatch
 from var_rt.ops.attention import (var_attention, var_attention_ref, zipar_attention, zipar_attention_ref,
                                   zipar_visibility_mask)
 from var_rt.ops.dispatch import BACKENDS, default_backend, describe_backends, resolve_backend, use_backend
+from var_rt.ops.gemm import Linear, linear
 from var_rt.ops.mlp import linear_gelu, linear_gelu_ref, swiglu, swiglu_ref
 from var_rt.ops.norms import (adaln, adaln_ref, decoder_channels_last, group_norm_silu, group_norm_silu_ref,
                               residual_adaln, residual_adaln_ref, residual_group_norm_silu,
@@ -38,7 +40,7 @@ __all__ = [
     "adaln", "adaln_ref", "residual_adaln", "residual_adaln_ref", "group_norm_silu", "group_norm_silu_ref",
     "residual_group_norm_silu", "residual_group_norm_silu_ref", "decoder_channels_last",
     "rms_norm", "rms_norm_ref", "residual_rms_norm", "residual_rms_norm_ref",
-    "linear_gelu", "linear_gelu_ref", "swiglu", "swiglu_ref", "apply_rope", "rope_kv_write", "rope_kv_write_ref",
+    "linear", "Linear", "linear_gelu", "linear_gelu_ref", "swiglu", "swiglu_ref", "apply_rope", "rope_kv_write", "rope_kv_write_ref",
     "upsample_bicubic", "upsample_bicubic_ref", "downsample_area", "downsample_area_ref",
     "sample_tokens", "sample_tokens_ref", "guide_logits_ref", "filter_logits_ref", "exponential_noise", "mix_seed",
     "rvq_step", "rvq_step_ref",

@@ -58,10 +58,13 @@ def var_attention(qkv, kv, start: int, scale_mul, q_scale=None, k_scale=None, ou
 
 # --------------------------------------------------------------------------------------------------------------
 # ZipAR (LlamaGen): several rows decoded at once; a query sees the prefix and the drawn tokens of earlier slots
-def zipar_visibility_mask(q_slot, counts, prefix: int, tpr: int, n_keys: int):
+def zipar_visibility_mask(q_slot, counts, prefix: int, tpr: int, n_keys: int, official: bool = False):
     """(Q, n_keys) bool, the ZipAR visibility rule (var_rt.runtime.zipar): query at slot p sees key j iff
-    (j <= p and (j < prefix or col(j) < counts[row(j)])) or j == p, with row, col = divmod(j - prefix, tpr)."""
+    (j <= p and (j < prefix or col(j) < counts[row(j)])) or j == p, with row, col = divmod(j - prefix, tpr).
+    official: the official ZipAR code's plain lower triangle, j <= p (undecoded slots included)."""
     j = torch.arange(n_keys, device=q_slot.device)
+    if official:
+        return j <= q_slot.long().view(-1, 1)
     img = (j - prefix).clamp(min=0)
     row = (img // tpr).clamp(max=counts.numel() - 1)
     drawn = (j < prefix) | ((img % tpr) < counts.long()[row])
@@ -80,10 +83,12 @@ def zipar_attention_ref(q, k_cache, v_cache, vis, rope=None, out=None):
     if rope is not None:
         qf = apply_rope(qf.transpose(1, 2), rope[vis.q_slot.long()]).transpose(1, 2)
     rep = H // k_cache.shape[1]
-    k = k_cache[:, :, :L].float().repeat_interleave(rep, dim=1)
-    v = v_cache[:, :, :L].float().repeat_interleave(rep, dim=1)
+    k, v = k_cache[:, :, :L].float(), v_cache[:, :, :L].float()
+    if rep > 1:  # grouped-query attention: each KV head serves `rep` query heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     s = (qf @ k.transpose(-1, -2)) * (1.0 / math.sqrt(D))           # (N, H, Q, L)
-    s = s.masked_fill(~zipar_visibility_mask(vis.q_slot, vis.counts, vis.prefix, vis.tpr, L), float("-inf"))
+    s = s.masked_fill(~zipar_visibility_mask(vis.q_slot, vis.counts, vis.prefix, vis.tpr, L, vis.official),
+                     float("-inf"))
     o = (s.softmax(-1) @ v).to(q.dtype)
     if out is not None:
         out.copy_(o)
@@ -98,4 +103,4 @@ def zipar_attention(q, k_cache, v_cache, vis, rope=None, out=None, backend=None,
     if fn is None:
         return zipar_attention_ref(q, k_cache, v_cache, vis, rope=rope, out=out)
     return fn(q, k_cache, v_cache, vis.q_slot, vis.counts, vis.prefix, vis.tpr, rope=rope, out=out,
-              n_keys=vis.n_keys, num_splits=num_splits)
+              n_keys=vis.n_keys, num_splits=num_splits, official=vis.official)

@@ -2,6 +2,7 @@
 through var_rt._ext, which checks every argument before handing _C raw pointers."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from var_rt import _ext
@@ -14,10 +15,15 @@ def rvq_step_ref(idx, codebook, phi_w, phi_b, f_hat, pn: int, pn_next: int | Non
     h = codebook[idx] as (B, Cv, pn, pn); upsampled bicubic to H unless pn == H; f_hat += (1-resi) h + resi conv(h).
     Returns the next scale's input rows (B, pn_next^2, Cv) = area-downsample(f_hat), or None for the last scale."""
     B, Cv, H, _ = f_hat.shape
-    h = codebook[idx].transpose(1, 2).reshape(B, Cv, pn, pn).float()
+    h = codebook[idx].transpose(1, 2).reshape(B, Cv, pn, pn).float().contiguous()  # NCHW whatever B (B = 1 too)
     if pn != H:
         h = F.interpolate(h, size=(H, H), mode="bicubic")
-    f_hat.add_(h * (1 - resi) + F.conv2d(h, phi_w.float(), phi_b.float(), padding=1) * resi)
+    # the Phi conv image by image: a conv's result can differ in the last bit with the batch size (oneDNN / cuDNN
+    # choose algorithms by shape), and f_hat must not depend on the batch (pipeline_base.DECODE_CHUNK)
+    w, b = phi_w.float(), phi_b.float()
+    conv = torch.cat([F.conv2d(h[i:i + 1].clone(memory_format=torch.contiguous_format), w, b, padding=1)
+                      for i in range(B)])
+    f_hat.add_(h * (1 - resi) + conv * resi)
     if pn_next is None:
         return None
     nxt = f_hat if pn_next == H else F.interpolate(f_hat, size=(pn_next, pn_next), mode="area")

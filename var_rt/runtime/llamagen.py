@@ -38,8 +38,9 @@ class PassPlan(NamedTuple):
     steps: tuple              # the same targets on the host (noise streams, cfg_interval)
 
 
-def build_plan(passes, prefix: int, tpr: int, device) -> list:
-    """zipar.Pass list (the pure schedule) -> [PassPlan] on `device`."""
+def build_plan(passes, prefix: int, tpr: int, device, official: bool = False) -> list:
+    """zipar.Pass list (the pure schedule) -> [PassPlan] on `device`. official: zipar_mask="official"
+    visibility (every slot <= the query's; runtime.zipar)."""
     plan = []
     for p in passes:
         qs = p.queries
@@ -51,19 +52,22 @@ def build_plan(passes, prefix: int, tpr: int, device) -> list:
         steps = tuple(qs[i].target for i in sq)
         vis = zipar.Visibility(slots.to(device=device, dtype=torch.int32),
                                torch.tensor(p.counts, dtype=torch.int32, device=device),
-                               prefix=prefix, tpr=tpr, n_keys=int(slots.max()) + 1)
+                               prefix=prefix, tpr=tpr, n_keys=int(slots.max()) + 1,
+                               official=official)
         plan.append(PassPlan(prefill, slots.to(device), torch.tensor([max(q.token, 0) for q in qs], device=device),
                              vis, torch.tensor(sq, device=device), torch.tensor(steps, device=device), steps))
     return plan
 
 
-def plan_for(cfg, zipar_window, device) -> list:
-    """The passes of sequential decoding (zipar_window None) or ZipAR with window w, for a LlamaGenConfig."""
+def plan_for(cfg, zipar_window, device, zipar_mask: str = "exact") -> list:
+    """The passes of sequential decoding (zipar_window None) or ZipAR with window w, for a LlamaGenConfig, with the
+    "exact" (default) or "official" visibility (runtime.zipar)."""
+    zipar.check_mask(zipar_mask)
     h, P = cfg.grid, cfg.cls_token_num
     if zipar_window is not None:
         zipar.check_window(zipar_window, h)
     passes = zipar.sequential_schedule(h, h, P) if zipar_window is None else zipar.zipar_schedule(h, h, zipar_window, P)
-    return build_plan(passes, P, h, device)
+    return build_plan(passes, P, h, device, official=zipar_mask == "official")
 
 
 def cfg_on(step: int, cfg_interval: int) -> bool:
@@ -180,6 +184,9 @@ def decode_passes(gpt, plan: list, labels, seeds, kv: list, s: Sampler, progress
     c = gpt.cfg
     cls_ids = torch.cat([labels, torch.full_like(labels, c.num_classes)]) if s.use_cfg else labels   # (N,)
     tokens = torch.zeros(labels.numel(), c.grid * c.grid, dtype=torch.int64, device=labels.device)
+    if plan[0].vis.official:   # the official visibility sees undecoded slots: they must hold zeros, as the official
+        for layer in kv:       # freshly allocated cache does (the pool is reused across calls); inside the graph
+            layer.zero_()
     for i, p in enumerate(plan):
         if p.prefill:
             drawn = prefill(gpt, cls_ids, p, i, kv, seeds, s)

@@ -29,7 +29,9 @@ drawn before this pass, a query at slot p sees key slot j iff
 i.e. the class prefix, plus exactly the tokens drawn before this pass that precede the drawn token in raster
 order (its decoded predecessors), plus itself (its own K/V; only matters for a placeholder query, whose slot is
 not a drawn token). The official code instead lets every slot <= p through: undrawn slots are zero K/V and a
-placeholder's K/V stays visible to later rows until its row finishes. We mask both.
+placeholder's K/V stays visible to later rows until its row finishes. We mask both by default
+(zipar_mask="exact"); zipar_mask="official" (Visibility.official) reproduces the official rule, j <= p, over a
+KV cache zeroed at the start of each generation (runtime.llamagen.decode_passes).
 """
 from __future__ import annotations
 
@@ -62,6 +64,16 @@ def row_start(r: int, tpr: int, w: int) -> int:
 
 def num_passes(h: int, tpr: int, w: int) -> int:
     return tpr if h == 1 else row_start(h - 1, tpr, w) + tpr
+
+
+MASKS = ("exact", "official")
+
+
+def check_mask(mask) -> str:
+    if mask not in MASKS:
+        raise ValueError(f"zipar_mask {mask!r}: expected 'exact' (decoded predecessors only, the default) or "
+                         f"'official' (every slot <= the query's, as the official ZipAR code)")
+    return mask
 
 
 def check_window(w, tpr: int) -> int:
@@ -117,12 +129,13 @@ class Visibility(NamedTuple):
     prefix: int
     tpr: int
     n_keys: int            # max(q_slot) + 1: keys beyond it are never visible
+    official: bool = False  # zipar_mask="official": every key slot j <= p is visible (a plain causal mask)
 
 
 def visibility_mask(vis: Visibility, n_keys: int | None = None) -> torch.Tensor:
     """(Q, n_keys) bool: the visibility rule of the module docstring, as a dense mask (reference and tests)."""
     return ops.zipar_visibility_mask(vis.q_slot, vis.counts, vis.prefix, vis.tpr,
-                                     vis.n_keys if n_keys is None else n_keys)
+                                     vis.n_keys if n_keys is None else n_keys, official=vis.official)
 
 
 apply_rope = ops.apply_rope   # the official apply_rotary_emb; kept here for var_rt.demo.train_llamagen
