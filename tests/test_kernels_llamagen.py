@@ -372,7 +372,7 @@ for cc in (90, 80):
                         qk_scale=0.18)
             run(f"zipar_attn {dt} H{H} G{GROUP} D{D} split={split} (BLOCK_M {bm}, BLOCK_N {bn})",
                 za._zipar_attn_kernel, args,
-                dict(HAS_ROPE=True, SPLIT=split, F32_DOT=dt == f32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd), cc, w, st)
+                dict(HAS_ROPE=True, SPLIT=split, OFFICIAL=split, F32_DOT=dt == f32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd), cc, w, st)
         args = dict(PO=t(f32), PML=t(f32), O=t(dt), R=160, H=20, Qn=4, D=64, n_splits=4, son=4 * 1280, soh=64,
                     soq=1280, sod=1)
         run(f"zipar_combine {dt}", za._zipar_combine_kernel, args, dict(BLOCK_S=4, BLOCK_D=64), cc, 1)
