@@ -19,27 +19,50 @@ PRESETS = {
 }
 
 
+def new_state(models: dict, vae, batch: int, device) -> dict:
+    """What a generation carries from scale to scale: f_hat (B, Cvae, H, H) fp32 (the residual-VQ sum so far),
+    rows[s] (the input of scale s, (B, pn_s^2, Cvae), None until known) and tokens[s] ((B, pn_s^2) int64 ids)."""
+    cfg0 = next(iter(models.values())).cfg
+    pns, K = cfg0.patch_nums, len(cfg0.patch_nums)
+    return {"f_hat": torch.zeros(batch, vae.cfg.cvae, pns[-1], pns[-1], device=device, dtype=torch.float32),
+            "rows": [None] * K, "tokens": [None] * K}
+
+
 def run_var(models: dict, vae, schedule: list[Phase], labels: torch.Tensor, seeds: torch.Tensor,
-            params: SamplingSettings, pool: KVPool, progress=None):
+            params: SamplingSettings, pool: KVPool, progress=None, *, scales=None, state: dict | None = None,
+            forced=None):
     """labels, seeds (B,) int64 on the models' device; params: one value per scale (SamplingSettings.build with
     steps = K); progress: a tqdm bar or None. Returns f_hat (B, Cvae, H, H) fp32 and the sampled token ids of
-    every scale [(B, pn^2)]. No host sync on the fast backend: a whole call is captured as one CUDA graph."""
+    every scale [(B, pn^2)]. No host sync on the fast backend: a whole call is captured as one CUDA graph.
+
+    scales: the scales this call runs, a contiguous range (default: all K), continuing `state` (new_state, or the
+    dict an earlier call for the scales before them filled; updated in place). Running 0..K-1 in pieces is the
+    same computation as in one call (streaming previews). forced: None, or per scale s a pair (tokens (B, pn_s^2)
+    int64, keep (B, pn_s^2) bool): where keep is True the token is teacher-forced instead of the drawn one (VAR's
+    zero-shot editing: the encoder's tokens outside the mask); the draw itself is unchanged."""
     cfg0 = next(iter(models.values())).cfg
     pns, K = cfg0.patch_nums, len(cfg0.patch_nums)
     bounds = cfg0.scale_bounds()
     B = labels.numel()
     device = labels.device
+    todo_scales = range(K) if scales is None else range(min(scales), max(scales) + 1)
+    if scales is not None and (list(scales) != list(todo_scales) or todo_scales.start < 0 or todo_scales.stop > K):
+        raise ValueError(f"scales={list(scales)}: expected a contiguous range within 0..{K - 1}")
+    if state is None:
+        if todo_scales.start != 0:
+            raise ValueError("scales after the first need the state of the call that ran the ones before them")
+        state = new_state(models, vae, B, device)
     labels2 = torch.cat((labels, torch.full_like(labels, cfg0.num_classes)))  # conditional rows first
-    f_hat = torch.zeros(B, vae.cfg.cvae, pns[-1], pns[-1], device=device, dtype=torch.float32)
+    f_hat, rows, tokens = state["f_hat"], state["rows"], state["tokens"]
     codebook = vae.quantize.embedding.weight
-    rows: list = [None] * K  # rows[s]: input of scale s, (B, pn_s^2, Cvae)
-    tokens: list = [None] * K
 
     def sample(model, state, s, hidden):
         logits = model.logits(hidden)  # (2B, l, V) in the model's dtype, conditional rows first
         t = params.cfg * s / (K - 1)  # the sampler mixes (1 + t) * cond - t * uncond in fp32 as it reads them
         top_k, top_p, temperature = params.at(s)  # temperature as drawn: max(temperature, 1e-5)
         idx = ops.sample_tokens(logits, seeds, s, top_k, top_p, temperature, guidance=t)  # (B, pn^2)
+        if forced is not None and forced[s] is not None:
+            idx = torch.where(forced[s][1], forced[s][0], idx)
         tokens[s] = idx
         phi = vae.phi(s, K)
         rows_next = ops.rvq_step(idx, codebook, phi.weight, phi.bias, f_hat, pns[s], pns[s + 1] if s + 1 < K else None)
@@ -49,16 +72,19 @@ def run_var(models: dict, vae, schedule: list[Phase], labels: torch.Tensor, seed
             progress.update(1)
 
     for phase in schedule:
+        todo = [s for s in phase.scales if s in todo_scales]
+        if not todo:
+            continue
         model, kv = models[phase.model], pool.views[phase.model]
-        state = model.prepare(labels2)
-        todo = list(phase.scales)
-        if phase.prefill:  # CoDe refiner: one block-causal pass over scales 0..N fills its KV cache
-            x = torch.cat([model.scale_input(s, state, rows[s]) for s in phase.prefill], dim=1)
+        mstate = model.prepare(labels2)
+        if phase.prefill and todo[0] == phase.scales[0]:
+            # CoDe refiner: one block-causal pass over scales 0..N fills its KV cache and samples scale N
+            x = torch.cat([model.scale_input(s, mstate, rows[s]) for s in phase.prefill], dim=1)
             ids = torch.cat([torch.full((pns[s] ** 2,), s, dtype=torch.int32, device=device) for s in phase.prefill])
-            hidden = model.forward_tokens(x, state, kv, 0, ids, ids)
+            hidden = model.forward_tokens(x, mstate, kv, 0, ids, ids)
             s = todo.pop(0)
-            sample(model, state, s, hidden[:, bounds[s][0]:bounds[s][1]])
+            sample(model, mstate, s, hidden[:, bounds[s][0]:bounds[s][1]])
         for s in todo:
-            hidden = model.forward_tokens(model.scale_input(s, state, rows[s]), state, kv, bounds[s][0])
-            sample(model, state, s, hidden)
+            hidden = model.forward_tokens(model.scale_input(s, mstate, rows[s]), mstate, kv, bounds[s][0])
+            sample(model, mstate, s, hidden)
     return f_hat, tokens
