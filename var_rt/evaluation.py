@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -88,16 +89,31 @@ class Dist:
 
     def close(self, ok: bool = True):
         """Tear the process group down. After a normal end every rank first meets the others in a barrier, so no
-        rank destroys its group (closing its gloo sockets) while another still has a collective in flight: a rank
-        whose peer vanished mid-collective could abort at exit ("terminate called without an active exception").
-        After an error the group is destroyed at once (the other ranks may never reach a barrier)."""
+        rank destroys its group (closing its gloo sockets) while another still has a collective in flight, and
+        after destroying it waits (on the rendezvous store, up to 60 s) until every rank has, so none exits while
+        another is still tearing down: a rank whose peer vanished under it could abort at exit ("terminate called
+        without an active exception"). After an error the group is destroyed at once (the other ranks may never
+        reach a barrier)."""
         if not (self.on and self.dist.is_initialized()):
             return
+        store = None
         try:
             if ok:
                 self.dist.barrier()
+                try:  # the rendezvous store (torchrun's agent holds it): outlives the group
+                    store = self.dist.distributed_c10d._get_default_store()
+                except Exception:
+                    store = None
         finally:
             self.dist.destroy_process_group()
+        if store is not None:  # and no rank exits (closing its sockets) before every rank has torn its group down
+            try:
+                store.add("var_rt/sample/closed", 1)
+                deadline = time.monotonic() + 60
+                while store.add("var_rt/sample/closed", 0) < self.world and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            except Exception:
+                pass
 
 
 def run(a, build_pipeline, sampling_kwargs) -> int:

@@ -1,5 +1,6 @@
 """What VARPipeline and LlamaGenPipeline share: dtype, device and backend resolution, class-id and seed checks,
-the KV pool per batch, and running a generation (captured CUDA graph, or eagerly with a progress bar).
+the KV pool per batch, running a generation (captured CUDA graph, or eagerly with a progress bar), and decoding in
+fixed-size chunks (DECODE_CHUNK: an image's bytes do not depend on the batch it was drawn in).
 
 Backend: resolved once at construction (`ops.resolve_backend`: None -> VAR_RT_BACKEND, else "fast" on CUDA,
 "torch" elsewhere) and stored per pipeline; every model and decoder call of a pipeline runs inside
