@@ -15,6 +15,9 @@ the host; tokens + decode, both timed in the same iteration), peak MiB (CUDA), K
 CUDA-graph replay (`graphs`), plus the time the same batch's GEMMs alone take (torch matmul on random operands of
 the exact shapes; each distinct shape allocated, timed and freed in turn), so the ratio to the floor is read off
 one run. A config that fails writes a line with `error` and the others still run (exit status 1).
+
+--stream adds, per backend, a line with `"row": "stream"`: the cost of streaming previews on the same pipeline and
+batch (ms of pipe(...) vs list(pipe.stream(..., every=1)) vs every=2, and the overhead over the call).
 """
 from __future__ import annotations
 
@@ -178,11 +181,36 @@ def bench_config(a, models, spec, backends, device) -> list[dict]:
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        pipe = decode = None  # the next backend starts from a clean device (its graphs and pools freed)
-        cuda_reset(device)
         rows.append(row)
         yield_row(a, row)
+        if a.stream and "error" not in row:
+            rows.append(stream_row(dict(meta, backend=backend, warmup=warmup, iters=iters), pipe, labels, kw,
+                                   device, warmup, iters))
+            yield_row(a, rows[-1])
+        pipe = decode = None  # the next backend starts from a clean device (its graphs and pools freed)
+        cuda_reset(device)
     return rows
+
+
+def stream_row(row: dict, pipe, labels, kw, device, warmup, iters) -> dict:
+    """--stream: what streaming previews cost, on the same pipeline and batch: pipe(...) (images on the device)
+    vs list(pipe.stream(..., every=1)) (a preview decoded after each scale) vs every=2; medians, and the overhead
+    over the call. With CUDA graphs the stream replays one graph per segment (captured in the warm-ups)."""
+    row = dict(row, row="stream")
+    try:
+        K = len(pipe.cfg.patch_nums)
+        t_call = timed(lambda: pipe(labels, **kw), device, warmup, iters)
+        row["ms_call"] = round(t_call * 1e3, 3)
+        for every in (1, 2):
+            t = timed(lambda: list(pipe.stream(labels, every=every, **kw)), device, warmup, iters)
+            row.update({f"ms_stream_every{every}": round(t * 1e3, 3), f"previews_every{every}": -(-K // every),
+                        f"stream_overhead_every{every}": round(t / t_call - 1, 3)})
+        row.update(graphs=pipe._graphs.last_mode if pipe._graphs is not None else "eager: graphs off (not CUDA)",
+                   peak_mib=peak_mib(device))
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return row
 
 
 def yield_row(a, row) -> None:
@@ -211,6 +239,8 @@ def main(argv=None):
     p.add_argument("--ref-warmup", type=int, default=None, help="torch reference warm-ups (default --warmup)")
     p.add_argument("--ref-iters", type=int, default=None, help="torch reference iterations (default --iters)")
     p.add_argument("--tiny", action="store_true", help="tiny random models on the CPU: a smoke test")
+    p.add_argument("--stream", action="store_true", help="also a `row: stream` line per backend: pipe(...) vs "
+                                                         "list(pipe.stream(..., every=1)) vs every=2 (previews' cost)")
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")

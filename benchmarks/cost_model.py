@@ -2,7 +2,7 @@
 run on the `meta` device at the real sizes with the fast backend selected, and every launch the fast path would
 issue is counted with its FLOPs and bytes. Times are MODELLED from stated ceilings, not measured.
 
-  python benchmarks/cost_model.py --config d30 --batch 64 [--json]
+  python benchmarks/cost_model.py --config d30 --batch 64 [--json] [--cfg-skip-last M] [--stream-every E]
   python benchmarks/cost_model.py --all [--out-dir benchmarks/results/cost]      # every config, batch 1 and 64 (8)
 
 What is counted (a TorchDispatchMode sees every aten op; fakes stand in for the kernels):
@@ -613,8 +613,9 @@ def _wrap(obj, name, make):
     return lambda: obj.__dict__.pop(name, None)
 
 
-def count(pipe, batch: int, zipar_window=None, track_memory=True, **sampling) -> dict:
-    """Runs pipe(labels) once on meta under the recorder; returns the counts (see `report`)."""
+def count(pipe, batch: int, zipar_window=None, track_memory=True, stream_every=None, **sampling) -> dict:
+    """Runs pipe(labels) once on meta under the recorder; returns the counts (see `report`). stream_every (VAR):
+    list(pipe.stream(labels, every=E)) instead: the segments' launches as tokens, the previews' decodes as decode."""
     from var_rt.runtime import zipar
     c = Counter(track_memory)
     var = hasattr(pipe, "models")
@@ -649,6 +650,8 @@ def count(pipe, batch: int, zipar_window=None, track_memory=True, **sampling) ->
             undo.append(_wrap(m, "forward_tokens", make))
         tokens_fn = "_sample" if hasattr(pipe, "_sample") else "generate_latents"  # _sample: __call__'s path
         undo.append(_wrap(pipe, tokens_fn, lambda f: _phased(c, "tokens", f)))
+        if stream_every:  # a stream's token work: one graph per segment (VARPipeline._run_segment)
+            undo.append(_wrap(pipe, "_run_segment", lambda f: _phased(c, "tokens", f)))
         undo.append(_wrap(pipe.vae, "fhat_to_img", lambda f: _phased(c, "decode", f)))
         passes = sum(n for _, n in steps)
         sampling = {"cfg": 4.0, "top_k": 900, "top_p": 0.95, "temperature": 1.0, "seed": 0, **sampling}
@@ -712,14 +715,18 @@ def count(pipe, batch: int, zipar_window=None, track_memory=True, **sampling) ->
     t0 = time.perf_counter()
     try:
         with patched(c), Recorder(c):
-            pipe(labels, **sampling)
+            if stream_every:
+                list(pipe.stream(labels, every=stream_every, **sampling))
+            else:
+                pipe(labels, **sampling)
     finally:
         for h in hooks:
             h.remove()
         for u in undo:
             u()
     return {"counter": c, "layers_x_steps": layers_x_steps, "steps": passes, "static_bytes": static,
-            "kv_pool_bytes": pool_bytes, "cpu_s": time.perf_counter() - t0, "sampling": sampling}
+            "kv_pool_bytes": pool_bytes, "cpu_s": time.perf_counter() - t0, "sampling": sampling,
+            "stream_every": stream_every}
 
 
 def _phased(c: Counter, phase: str, f):
@@ -797,6 +804,7 @@ def report(name: str, batch: int, res: dict) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "torch": torch.__version__, "backend": fast_backend(),
         "sampling": {k: v for k, v in res["sampling"].items() if k != "seed"},
+        **({"stream_every": res["stream_every"]} if res.get("stream_every") else {}),
         "steps": res["steps"], "layers_x_steps": res["layers_x_steps"], "layer_steps": c.layer_steps,
         "launches": {"total": tot["launches"], **{p: ph[p]["launches"] for p in PHASES}},
         "h2d_copies": tot["h2d"],
@@ -838,8 +846,10 @@ def table(rows) -> str:
     for r in rows:
         m = r["modelled"]
         lpls = r["launches_per_layer_step"]
+        name = r["config"] + (f" skip{r['sampling']['cfg_skip_last']}" if r["sampling"].get("cfg_skip_last") else "")
+        name += f" stream{r['stream_every']}" if r.get("stream_every") else ""
         peak = r["peak_bytes"]["estimate"] / 2**30 if r["peak_bytes"] else float("nan")
-        lines.append(f"{r['config']:<16}{r['batch']:>4}{r['launches']['total']:>10}{r['launches']['tokens']:>9}"
+        lines.append(f"{name:<16}{r['batch']:>4}{r['launches']['total']:>10}{r['launches']['tokens']:>9}"
                      f"{r['launches']['decode']:>8}{lpls if lpls is None else round(lpls, 2)!s:>10}"
                      f"{r['flops']['gemm'] / 1e12:>9.3f}{r['flops']['attention'] / 1e12:>9.3f}"
                      f"{r['flops']['conv'] / 1e12:>9.3f}{r['bytes']['non_gemm'] / 1e9:>11.2f}{peak:>9.2f}"
@@ -849,9 +859,13 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def run_one(name: str, batch: int, track_memory=True) -> dict:
+def run_one(name: str, batch: int, track_memory=True, cfg_skip_last: int = 0, stream_every=None) -> dict:
+    """cfg_skip_last (VAR configs): the last M scales without the unconditional rows (guidance skipping).
+    stream_every (VAR configs): a streaming-previews generation, a preview every E scales."""
     pipe, window = build(name)
-    return report(name, batch, count(pipe, batch, zipar_window=window, track_memory=track_memory))
+    skip = {"cfg_skip_last": cfg_skip_last} if cfg_skip_last else {}
+    return report(name, batch, count(pipe, batch, zipar_window=window, track_memory=track_memory,
+                                     stream_every=stream_every, **skip))
 
 
 def main(argv=None) -> int:
@@ -863,9 +877,17 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cost"))
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory tracking")
+    p.add_argument("--stream-every", type=int, default=None, metavar="E",
+                   help="VAR configs: count list(pipe.stream(labels, every=E)) (streaming previews) instead of pipe()")
+    p.add_argument("--cfg-skip-last", type=int, default=0, metavar="M",
+                   help="VAR configs: the last M scales run the conditional rows alone (guidance skipping; 0 = off)")
     a = p.parse_args(argv)
     if not a.all and not a.config:
         p.error("give --config NAME (and --batch B) or --all")
+    if a.cfg_skip_last and (a.all or a.config not in ("d30", "code8", "code6", "tiny-var")):
+        p.error("--cfg-skip-last is for one VAR config (d30, code8, code6, tiny-var), not --all or LlamaGen")
+    if a.stream_every and (a.all or a.config not in ("d30", "code8", "code6", "tiny-var")):
+        p.error("--stream-every is for one VAR config (d30, code8, code6, tiny-var), not --all or LlamaGen")
     if a.all:
         os.makedirs(a.out_dir, exist_ok=True)
         rows = []
@@ -884,7 +906,7 @@ def main(argv=None) -> int:
             json.dump([summary(r) for r in rows], f, indent=1)
         print(text)
         return 0
-    r = run_one(a.config, a.batch, not a.no_memory)
+    r = run_one(a.config, a.batch, not a.no_memory, a.cfg_skip_last, a.stream_every)
     print(json.dumps(r, indent=1) if a.json else table([r]))
     return 0
 

@@ -61,7 +61,7 @@ KERNEL_TESTS="$(grep -l 'DEV = torch.device("cuda"' tests/test_*.py | tr '\n' ' 
 FAILED=0
 declare -a NAMES ESTS TOUTS CMDS
 STEPLOG="$(mktemp)"; trap 'rm -f "$STEPLOG"' EXIT
-[ "$DRY" = 1 ] && rm -f "$OUT"/{steps.jsonl,log.txt,bench_var.jsonl,bench_kernels.jsonl,bench_llamagen.jsonl,summary.txt}
+[ "$DRY" = 1 ] && rm -f "$OUT"/{steps.jsonl,log.txt,bench_var.jsonl,bench_kernels.jsonl,bench_llamagen.jsonl,bench_serve.jsonl,summary.txt}
 
 add() {  # add NAME EST_S TIMEOUT_S COMMAND...  (the command is one string, run by bash -c)
   NAMES+=("$1"); ESTS+=("$2"); TOUTS+=("$3"); CMDS+=("$4")
@@ -131,8 +131,10 @@ part1() {
   add bench_kernels 60 150 "$PY benchmarks/bench_kernels.py $TINY --out $OUT/bench_kernels.jsonl | grep '^#'"
   # d30 + d16 random weights built once (CPU randn of 2.3e9 values: ~20-30 s); per config the GEMM floor (~1 s),
   # fast path 2 + 5 generations (+ graph capture, compiles: ~15 s the first time), the torch reference 1 + 3
-  # (~0.5-1 s each at batch 1): ~100-120 s for the three configs
-  add var_b1 120 240 "$VAR --batch 1 --configs d30 d30+d16:8 d30+d16:6 --warmup 2 --iters 5 --ref-warmup 1 --ref-iters 3 --out $OUT/bench_var.jsonl"
+  # (~0.5-1 s each at batch 1): ~100-120 s for the three configs. --stream: per backend a `row: stream` line,
+  # pipe(...) vs stream every=1 / every=2 (3 x the generations above, plus 10 and 5 preview decodes each, and
+  # the segments' graph captures): ~+40 s
+  add var_b1 160 300 "$VAR --batch 1 --configs d30 d30+d16:8 d30+d16:6 --warmup 2 --iters 5 --ref-warmup 1 --ref-iters 3 --stream --out $OUT/bench_var.jsonl"
 }
 part2() {
   install_step
@@ -146,8 +148,12 @@ part2() {
   # skipped and why. ~100 s at batch 1, ~110 s at batch 8.
   add llamagen_b1 100 200 "$LG --batch 1 --warmup 1 --iters 3 --ref-warmup 0 --ref-iters 1 --budget-s \$((STEP_TIMEOUT - 15)) --out $OUT/bench_llamagen.jsonl"
   add llamagen_b8 110 200 "$LG --batch 8 --warmup 1 --iters 3 --ref-warmup 0 --ref-iters 1 --budget-s \$((STEP_TIMEOUT - 15)) --out $OUT/bench_llamagen.jsonl"
+  # var-rt serve on loopback (demo VAR): 1 / 4 / 16 / 64 clients, 3 s a level, then the offline pipeline at the
+  # same batch sizes, 3 s each; server start ~10 s: ~40 s. Last: skipped when the part's budget is spent.
+  add serve 40 90 "$PY benchmarks/bench_serve.py $TINY --seconds 3 --out $OUT/bench_serve.jsonl"
 }
-# Sum of estimates: part 1 ~430 s, part 2 ~450 s (each with its install), under the 480 s budget; a device call
+# Sum of estimates: part 1 ~470 s, part 2 ~450 s (each with its install; part 2's serve step, +40 s, runs when
+# time is left), under the 480 s budget; a device call
 # also spends ~1-2 min starting the machine, so a part fits a 10-minute call.
 
 PART_START=0   # the first part's budget counts from the script's start (the probes above: ~5-10 s)
@@ -180,6 +186,9 @@ if var:
     print(f"{'config':24s} {'batch':>5s} {'backend':7s} {'ms tok':>9s} {'img/s e2e':>9s} {'gemm frac':>9s} {'peak MiB':>9s} graphs")
     for r in var:
         note = r.get("error") or r.get("skipped") or (r.get("graphs") or "")[:40]
+        if r.get("row") == "stream" and not r.get("error"):  # streaming previews: the call vs the stream
+            note = (f"stream: call {g(r, 'ms_call', '.1f')} ms, every=1 {g(r, 'ms_stream_every1', '.1f')} ms "
+                    f"({g(r, 'stream_overhead_every1', '+.0%')}), every=2 {g(r, 'ms_stream_every2', '.1f')} ms")
         print(f"{r.get('config', '?'):24s} {r.get('batch', 0):5d} {r.get('backend', '-'):7s} {g(r, 'ms_tokens', '9.1f'):>9s} "
               f"{g(r, 'img_s_end_to_end', '9.1f'):>9s} {g(r, 'gemm_fraction_tokens', '9.3f'):>9s} "
               f"{g(r, 'peak_mib', '9.0f'):>9s} {note}")
@@ -192,6 +201,13 @@ if lg:
         print(f"{r.get('model', '?'):6s} {r.get('batch', 0):5d} {r.get('mode', '?'):10s} {r.get('backend', '?'):7s} "
               f"{g(r, 'forward_passes', '6d'):>6s} {g(r, 'ms_tokens', '9.1f'):>9s} {g(r, 'ms_per_batch', '9.1f'):>9s} "
               f"{g(r, 'peak_mib', '9.0f'):>9s} {note}")
+for r in rows("bench_serve.jsonl"):
+    print(f"== bench_serve  ({r.get('device')}, demo {r.get('demo')}): server / offline images/s at "
+          f"{r['levels'][-1]['concurrency']} clients = {g(r, 'ratio', '.2f')} (target {r.get('target_ratio')})")
+    for lv, off in zip(r["levels"], r["offline"]):
+        print(f"  {lv['concurrency']:3d} clients: p50 {g(lv, 'p50_ms', '.1f')} ms, p99 {g(lv, 'p99_ms', '.1f')} ms, "
+              f"{g(lv, 'images_per_s', '.1f')} img/s (mean batch {g(lv, 'mean_batch', '.1f')}); offline batch "
+              f"{off['batch']}: {g(off, 'images_per_s', '.1f')} img/s")
 k = rows("bench_kernels.jsonl")
 if k:
     tri = [r for r in k if r.get("impl") == "triton"]

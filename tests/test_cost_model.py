@@ -29,23 +29,28 @@ def var_cfg(depth, width=64, heads=2):
 VAE = vqvae_model.VQVAEConfig(vocab=48, cvae=8, ch=32, ch_mult=(1, 2), num_res_blocks=1)
 
 
-def count_var(depth, refiner=None, draft_steps=None, batch=3):
+def count_var(depth, refiner=None, draft_steps=None, batch=3, **sampling):
     pipe = cm.build_var(var_cfg(depth), VAE, var_cfg(refiner, width=32) if refiner else None, draft_steps)
-    return pipe, cm.report("test", batch, cm.count(pipe, batch))
+    return pipe, cm.report("test", batch, cm.count(pipe, batch, **sampling))
 
 
-def var_analytic(B, phases):
+def var_analytic(B, phases, skip=0):
     """phases: [(cfg, scales fed one by one, prefill scales or ())]. GEMM FLOPs 2*M*K*N over qkv, proj, fc1, fc2,
-    head (2B CFG rows), word_embed (B rows), the per-phase AdaLN linears; attention 4*N*H*Lq*Lk*D."""
+    head (2B CFG rows; B rows at the last `skip` scales, guidance skipped: a group's rows follow the scale it
+    samples), word_embed (B rows), the per-phase AdaLN linears (2B rows, B when the phase draws no guided scale:
+    skipped scales after guided ones reuse the pair's first B rows); attention 4*N*H*Lq*Lk*D."""
     gemm = attn = 0
+    first_skipped = len(PN) - skip
     for c, scales, prefill in phases:
-        C, V, hid, N = c.width, c.vocab, round(c.width * c.mlp_ratio), 2 * B
-        gemm += c.depth * 2 * N * C * 6 * C + 2 * N * C * 2 * C      # ada_lin of every block + head_nm
+        C, V, hid = c.width, c.vocab, round(c.width * c.mlp_ratio)
         per_row = 2 * (C * 3 * C + C * C + C * hid + hid * C)          # one token through one block
         bounds = c.scale_bounds()
         fed = [(tuple(prefill), prefill[-1])] if prefill else []
         fed += [((s,), s) for s in scales[1 if prefill else 0:]]
+        N = 2 * B if fed[0][1] < first_skipped else B
+        gemm += c.depth * 2 * N * C * 6 * C + 2 * N * C * 2 * C      # ada_lin of every block + head_nm
         for group, sampled in fed:
+            N = B if sampled >= first_skipped else 2 * B
             l = sum(PN[s] ** 2 for s in group)
             gemm += c.depth * N * l * per_row + 2 * N * PN[sampled] ** 2 * C * V
             gemm += sum(2 * B * PN[s] ** 2 * c.cvae * C for s in group if s > 0)
@@ -55,17 +60,18 @@ def var_analytic(B, phases):
     return gemm, attn
 
 
-@pytest.mark.parametrize("code", [False, True])
-def test_var_flops_match_analytic(code):
+@pytest.mark.parametrize("code,skip", [(False, 0), (True, 0), (False, 2), (True, 2), (True, 1)])
+def test_var_flops_match_analytic(code, skip):
     B = 3
+    kw = {"cfg_skip_last": skip} if skip else {}
     if code:  # CoDe: drafter depth 2 on scales 0..1, refiner depth 1 prefills 0..2 block-causally
-        pipe, r = count_var(2, refiner=1, draft_steps=2, batch=B)
+        pipe, r = count_var(2, refiner=1, draft_steps=2, batch=B, **kw)
         d, f = pipe.models["drafter"].cfg, pipe.models["refiner"].cfg
         phases = [(d, (0, 1), ()), (f, (2, 3), (0, 1, 2))]
     else:
-        pipe, r = count_var(2, batch=B)
+        pipe, r = count_var(2, batch=B, **kw)
         phases = [(pipe.cfg, (0, 1, 2, 3), ())]
-    gemm, attn = var_analytic(B, phases)
+    gemm, attn = var_analytic(B, phases, skip)
     assert r["flops"]["gemm"] == gemm
     assert r["flops"]["by_phase"]["tokens"]["attention"] == attn
     assert r["flops"]["by_phase"]["decode"]["gemm"] == 0 and r["flops"]["by_phase"]["decode"]["conv"] > 0

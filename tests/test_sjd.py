@@ -119,7 +119,7 @@ def test_sjd_takes_fewer_passes_on_a_predictable_model():
 
 
 @pytest.mark.parametrize("kw,match", [(dict(sjd_window=-1), "sjd_window"), (dict(sjd_window=2.0), "sjd_window"),
-                                      (dict(sjd_window=2, zipar_window=2), "ZipAR"),
+                                      (dict(sjd_window=2, zipar_window=2, zipar_mask="official"), "exact"),
                                       (dict(sjd_relaxed=2), "sjd_window"), (dict(sjd_window=2, sjd_relaxed=-1),
                                                                            "sjd_relaxed")])
 def test_bad_sjd_inputs(kw, match):
@@ -155,9 +155,10 @@ def test_cli_options(tmp_path, capsys):
     assert run("--sjd-window", 4, "--out", tmp_path / "a.png") == 0
     assert run("--out", tmp_path / "b.png") == 0
     assert run("--zipar-window", 2, "--zipar-mask", "official", "--out", tmp_path / "c.png") == 0
-    assert run("--sjd-window", 2, "--zipar-window", 2, "--out", tmp_path / "d.png") == 2
+    assert run("--sjd-window", 2, "--zipar-window", 2, "--out", tmp_path / "d.png") == 0
+    assert run("--sjd-window", 2, "--zipar-window", 2, "--zipar-mask", "official", "--out", tmp_path / "f.png") == 2
     assert run("--sjd-relaxed", 2, "--out", tmp_path / "e.png") == 2
-    assert [n for n, _ in parse_llamagen_methods("seq,zipar-2-official,sjd-8,sjd-4-relaxed-3")] == [
-        "LlamaGen seq", "ZipAR w=2 official", "SJD L=8", "SJD L=4 relaxed 3"]
+    assert [n for n, _ in parse_llamagen_methods("seq,zipar-2-official,sjd-8,sjd-4-relaxed-3,zipar-2-sjd-4")] == [
+        "LlamaGen seq", "ZipAR w=2 official", "SJD L=8", "SJD L=4 relaxed 3", "ZipAR w=2 + SJD L=4"]
     with pytest.raises(ValueError):
         parse_llamagen_methods("sjd-0")

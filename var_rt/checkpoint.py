@@ -151,6 +151,21 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return _unwrap(path, _torch_object(path, fmt))
 
 
+def read_tensors(path: str | os.PathLike, prefixes: tuple) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint whose names start with one of `prefixes` (e.g. the VQVAE encoder for editing):
+    from a .safetensors file only those are read; a torch file is memory-mapped. Same errors as read_state_dict."""
+    path, fmt = _open(path)
+    if fmt != "safetensors":
+        return {k: v for k, v in _unwrap(path, _torch_object(path, fmt)).items() if k.startswith(prefixes)}
+    keys = [k for k in _safetensors_header(path) if k.startswith(prefixes)]
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in keys}
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file: {_first_sentence(e)}") from None
+
+
 def peek_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint without reading their data where it can: a .safetensors file gives `meta`
     tensors from its header (tensors of up to SMALL_TENSOR elements, such as VAR's lvl_1L, are read); a torch

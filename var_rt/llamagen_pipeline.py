@@ -3,6 +3,8 @@
 is the LlamaGen engine, var_rt.runtime.llamagen."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from var_rt import loaders, ops
@@ -22,6 +24,13 @@ def check_image_size(image_size) -> None:
     """None (read off the file) or a positive multiple of 16 (the token grid is image_size // 16)."""
     if image_size is not None and check_int(image_size, "image_size", 16) % 16:
         raise ValueError(f"image_size={image_size}: expected a multiple of 16 (256 or 384 for the official models)")
+
+
+class RowsPreview(NamedTuple):
+    """One yield of LlamaGenPipeline.stream: `images` (B, 3, H, W) float32 in [0, 1] once `rows` token rows are
+    complete (rows = the grid height: the final images)."""
+    rows: int
+    images: torch.Tensor
 
 
 class LlamaGenPipeline(PipelineBase):
@@ -161,8 +170,8 @@ class LlamaGenPipeline(PipelineBase):
         seed ops.mix_seed(seed, i). zipar_window: None = sequential, else ZipAR with that window. zipar_mask:
         "exact" (a query sees its decoded predecessors) or "official" (every slot before it, as the official ZipAR
         code; runtime.zipar). sjd_window L > 0: Speculative Jacobi Decoding with L drafts per pass (runtime.sjd;
-        sequential order only); sjd_relaxed k > 0: its GSD-style relaxed acceptance over k codebook neighbours
-        (approximate, off by default)."""
+        with zipar_window, SJD + ZipAR: a window per active row, "exact" mask only); sjd_relaxed k > 0: its
+        GSD-style relaxed acceptance over k codebook neighbours (approximate, off by default)."""
         return self.decode(self.generate_tokens(class_labels, cfg, cfg_interval, top_k, top_p, temperature, seed,
                                                 zipar_window, progress, seeds, zipar_mask, sjd_window,
                                                 sjd_relaxed), progress=progress)
@@ -182,7 +191,8 @@ class LlamaGenPipeline(PipelineBase):
         settings = self.sampling_settings(cfg, top_k, top_p, temperature, cfg_interval)
         labels = self.check_labels(class_labels).to(self.device)
         if sjd.check_window(sjd_window) or sjd_relaxed:
-            return self._generate_sjd(labels, settings, seed, seeds, zipar_window, sjd_window, sjd_relaxed, progress)
+            return self._generate_sjd(labels, settings, seed, seeds, zipar_window, sjd_window, sjd_relaxed, progress,
+                                      zipar_mask)
         plan = self.plan(zipar_window, zipar_mask)
         B = labels.numel()
         seeds = check_seeds(B, seed, seeds).to(self.device)
@@ -202,12 +212,89 @@ class LlamaGenPipeline(PipelineBase):
         self.last_stats = {"kv_pool_bytes": pool.nbytes}
         return tokens
 
-    def _generate_sjd(self, labels, settings, seed, seeds, zipar_window, L, relaxed, progress):
+    STREAM_OPTIONS = ("cfg", "cfg_interval", "top_k", "top_p", "temperature", "zipar_window", "zipar_mask",
+                      "sjd_window", "sjd_relaxed")
+
+    def stream(self, class_labels, seed=0, seeds=None, every_rows=1, progress=False, **sampling):
+        """Streaming previews: a generator of RowsPreview(rows, images) each time `every_rows` more token rows are
+        complete, and after the last pass: images (B, 3, H, W) float32 in [0, 1] decoded from the tokens drawn so
+        far, every token not drawn yet set to 0 (codebook entry 0: a preview, not a sample). sampling: the keyword
+        settings of __call__ (STREAM_OPTIONS). The last RowsPreview holds exactly the images of
+        pipe(class_labels, same settings, same seed). Everything is checked here, before the first `next`. The
+        passes run eagerly (no CUDA graph), the same decode_pass / prefill calls as runtime.llamagen.decode_passes;
+        cost over __call__: one decode per preview. SJD (sjd_window > 0: one image at a time, a variable number
+        of passes) gives no previews: the images are drawn in this call and the generator yields them once.
+        Consume (or close) it before the next generation of the same batch size on this pipeline: they share the
+        KV cache."""
+        unknown = sorted(set(sampling) - set(self.STREAM_OPTIONS))
+        if unknown:
+            raise TypeError(f"stream() got an unexpected keyword argument {unknown[0]!r}")
+        labels = self.check_labels(class_labels)
+        seeds = check_seeds(labels.numel(), seed, seeds)
+        every_rows = check_int(every_rows, "every_rows", 1, self.cfg.grid)
+        if sampling.get("sjd_window") or sampling.get("sjd_relaxed"):
+            return iter([RowsPreview(self.cfg.grid, self(labels, seeds=seeds, progress=progress, **sampling))])
+        settings = self.sampling_settings(**{k: sampling[k] for k in ("cfg", "cfg_interval", "top_k", "top_p",
+                                                                      "temperature") if k in sampling})
+        zipar_window = sampling.get("zipar_window")
+        plan = self.plan(zipar_window, sampling.get("zipar_mask", "exact"))
+        return self._stream_rows(labels, seeds, settings, zipar_window, plan, every_rows, progress)
+
+    @torch.no_grad()
+    def _stream_rows(self, labels, seeds, settings, zipar_window, plan, every_rows, progress):
+        """stream's generator: runtime.llamagen.decode_passes one pass at a time (keep the two in step: the test
+        holds the last yield to pipe(...)'s bytes), a preview whenever every_rows more rows are complete."""
+        c, B = self.cfg, labels.numel()
+        labels, seeds = labels.to(self.device), seeds.to(self.device)
+        pool = self.kv_pool(2 * B if settings.cfg > 1.0 else B)
+        kv = pool.views["llamagen"]
+        s = engine.sampler(plan, settings, self.backend, self.device,
+                           guides=lambda: self.guidance(zipar_window, settings.cfg, settings.cfg_interval))
+        cls_ids = torch.cat([labels, torch.full_like(labels, c.num_classes)]) if s.use_cfg else labels
+        tokens = torch.zeros(B, c.grid * c.grid, dtype=torch.int64, device=self.device)
+        if plan[0].vis.official:  # as decode_passes: the official visibility reads undecoded slots as zeros
+            for layer in kv:
+                layer.zero_()
+        per_row = [0] * c.grid  # tokens drawn in each row
+        shown = 0
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(plan), desc=f"LlamaGen {B} img, stream", unit="pass", leave=False)
+        try:
+            for i, p in enumerate(plan):
+                with ops.use_backend(self._backend):
+                    if p.prefill:
+                        drawn = engine.prefill(self.gpt, cls_ids, p, i, kv, seeds, s)
+                    else:
+                        drawn = engine.decode_pass(self.gpt, tokens, p, i, kv, seeds, s)
+                tokens[:, p.targets] = drawn
+                for t in p.steps:
+                    per_row[t // c.grid] += 1
+                if bar is not None:
+                    bar.update(1)
+                complete = sum(n == c.grid for n in per_row)
+                if shown + every_rows <= complete < c.grid:
+                    shown = complete
+                    yield RowsPreview(complete, self.decode(tokens))
+        finally:
+            if bar is not None:
+                bar.close()
+        self.last_tokens = tokens
+        self.last_forward_passes = len(plan)
+        self.last_stats = {"kv_pool_bytes": pool.nbytes}
+        yield RowsPreview(c.grid, self.decode(tokens))
+
+    def _generate_sjd(self, labels, settings, seed, seeds, zipar_window, L, relaxed, progress, zipar_mask="exact"):
         """Speculative Jacobi Decoding (runtime.sjd): eagerly, one image at a time (its own KV rows, so an image does
-        not depend on the batch). last_forward_passes: the most passes any image took; last_stats: per image
-        "sjd_passes" and "sjd_acceptance" (accepted / tested drafts)."""
+        not depend on the batch); with zipar_window, SJD + ZipAR (runtime.sjd.generate_one_zipar; "exact" mask
+        only). last_forward_passes: the most passes any image took; last_stats: per image "sjd_passes" and
+        "sjd_acceptance" (accepted / tested drafts)."""
         if zipar_window is not None:
-            raise ValueError("sjd_window with zipar_window: SJD + ZipAR is not implemented (SJD is sequential)")
+            zipar.check_window(zipar_window, self.cfg.grid)
+            if zipar.check_mask(zipar_mask) != "exact":
+                raise ValueError(f"zipar_mask {zipar_mask!r} with sjd_window: SJD + ZipAR supports the 'exact' mask "
+                                 f"only (the official mask reads undecoded slots, which SJD fills with drafts)")
         if L < 1:
             raise ValueError(f"sjd_relaxed={relaxed!r} needs sjd_window >= 1")
         if isinstance(relaxed, bool) or not isinstance(relaxed, int) or relaxed < 0:
@@ -223,11 +310,15 @@ class LlamaGenPipeline(PipelineBase):
         bar = None
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=B, desc=f"LlamaGen {B} img, SJD L={L}", unit="img", leave=False)
+            mode = f"SJD L={L}" + ("" if zipar_window is None else f" + ZipAR w={zipar_window}")
+            bar = tqdm(total=B, desc=f"LlamaGen {B} img, {mode}", unit="img", leave=False)
         with ops.use_backend(self._backend):
             for b in range(B):
-                t, i, a, n = sjd.generate_one(self.gpt, int(labels[b]), int(seeds[b]), pool.views["llamagen"],
-                                              settings, L, self.backend, nb)
+                args = (self.gpt, int(labels[b]), int(seeds[b]), pool.views["llamagen"], settings, L)
+                if zipar_window is None:
+                    t, i, a, n = sjd.generate_one(*args, self.backend, nb)
+                else:
+                    t, i, a, n = sjd.generate_one_zipar(*args, zipar_window, self.backend, nb)
                 out.append(t)
                 passes.append(i)
                 acc.append(a / max(n, 1))

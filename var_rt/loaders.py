@@ -22,6 +22,7 @@ from var_rt.models import llamagen as gpt_model
 from var_rt.models import var as var_model
 from var_rt.models import vq16
 from var_rt.models import vqvae as vqvae_model
+from var_rt.models import vqvae_encoder
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,24 @@ def load_var(path, device="cpu", dtype=torch.float32, what="VAR checkpoint", lab
 
 
 def load_vqvae(path, device="cpu", dtype=torch.float32, label=None) -> vqvae_model.VQVAE:
-    return load(path, "vqvae", device, dtype, label=label)
+    """The decoding half (the encoder keys are accepted and dropped); the model remembers `path`, from which
+    editing loads the encoder on first use (load_vqvae_encoder)."""
+    vae = load(path, "vqvae", device, dtype, label=label)
+    vae.path = os.fspath(path)
+    return vae
+
+
+def load_vqvae_encoder(path, cfg: vqvae_model.VQVAEConfig, device="cpu", dtype=torch.float32,
+                       label=None) -> vqvae_encoder.EncoderHalf:
+    """The encoding half of a VQVAE file (`encoder.*`, `quant_conv.*`; the other keys are not read where the format
+    allows), strictly: every key of the official Encoder for `cfg` (the config read off the same file's decoder)
+    present with its shape, no other `encoder.*` / `quant_conv.*` key; otherwise one CheckpointError line naming
+    the missing, unexpected and mis-shaped keys. The encoder in `dtype`, quant_conv fp32 (the latent side)."""
+    sd = checkpoint.read_tensors(path, ("encoder.", "quant_conv."))
+    what = f"{label + ': ' if label else ''}VQVAE encoder of {os.fspath(path)} (needed for editing)"
+    with torch.device("meta"):
+        half = vqvae_encoder.EncoderHalf(cfg)
+    return checkpoint.load_model(half, sd, dtype=dtype, device=device, keep_fp32=(r"quant_conv\..*",), what=what)
 
 
 def load_llamagen(path, device="cpu", dtype=torch.float32, image_size=None, n_head=None,

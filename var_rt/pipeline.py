@@ -1,6 +1,8 @@
 """User API for VAR and CoDe: `VARPipeline.from_checkpoints(...)`, then `pipe(class_labels, ...)`."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from var_rt import loaders, ops
@@ -11,9 +13,11 @@ from var_rt.pipeline_base import (PipelineBase, SamplingSettings, check_class_la
                                   check_seeds, decode_in_chunks, image_seeds, resolve_dtype)
 from var_rt.runtime.kv_pool import KVPool
 from var_rt.runtime.schedule import var_schedule
-from var_rt.runtime.var import PRESETS, run_var
+from var_rt.runtime.graphs import GraphCache
+from var_rt.runtime.var import PRESETS, new_state, run_var
 
-__all__ = ["VARPipeline", "PRESETS", "SamplingSettings", "resolve_dtype", "image_seeds", "check_class_labels"]
+__all__ = ["VARPipeline", "Preview", "PRESETS", "SamplingSettings", "resolve_dtype", "image_seeds",
+           "check_class_labels"]
 
 
 def check_model_args(var=None, drafter=None, refiner=None, draft_steps=None) -> None:
@@ -29,9 +33,11 @@ def check_model_args(var=None, drafter=None, refiner=None, draft_steps=None) -> 
                          "drafter alone)")
 
 
-def var_settings(num_scales: int, cfg=4.0, top_k=900, top_p=0.95, temperature=1.0, preset=None) -> SamplingSettings:
+def var_settings(num_scales: int, cfg=4.0, top_k=900, top_p=0.95, temperature=1.0, preset=None,
+                 cfg_skip_last=0) -> SamplingSettings:
     """The validated settings of a call to a VAR model of `num_scales` scales (SamplingSettings' rules); a preset
-    ('code-eval', 'var-demo') overrides the four values and must fit the scale count."""
+    ('code-eval', 'var-demo') overrides the four values and must fit the scale count. cfg_skip_last: the last M
+    scales drawn without guidance, on the conditional rows alone (0 = off; not part of a preset)."""
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"preset {preset!r}: expected one of {sorted(PRESETS)}")
@@ -42,7 +48,30 @@ def var_settings(num_scales: int, cfg=4.0, top_k=900, top_p=0.95, temperature=1.
                                  f"{len(p[k])}-scale model); this model has {num_scales} scales: give the sampling "
                                  "settings instead")
         cfg, top_k, top_p, temperature = (p[k] for k in ("cfg", "top_k", "top_p", "temperature"))
-    return SamplingSettings.build(cfg, top_k, top_p, temperature, steps=num_scales)
+    return SamplingSettings.build(cfg, top_k, top_p, temperature, steps=num_scales, cfg_skip_last=cfg_skip_last)
+
+
+class Preview(NamedTuple):
+    """One yield of VARPipeline.stream: `images` (B, 3, H, W) float32 in [0, 1] decoded from f_hat after scale
+    `scale` (0-based; K - 1: the final images)."""
+    scale: int
+    images: torch.Tensor
+
+
+def stream_segments(num_scales: int, every: int) -> list[range]:
+    """The scales run between two previews: [0, every), [every, 2 every), ..., the last ending at scale K - 1."""
+    return [range(s, min(s + every, num_scales)) for s in range(0, num_scales, every)]
+
+
+def carried_state(prev, models: dict, vae, batch: int, device) -> dict:
+    """The run_var state a stream segment starts from, without writing `prev` ((f_hat, rows, tokens) of the
+    segment before, or None for the first): f_hat a fresh copy (or zeros), the rows/tokens lists copied, their
+    tensors shared and only read. Not writing its inputs keeps a segment a function of them, which a chain of
+    CUDA graphs needs (runtime/graphs.py: the warm-up run of a capture must not advance the state)."""
+    if prev is None:
+        return new_state(models, vae, batch, device)
+    f_hat, rows, tokens = prev
+    return {"f_hat": f_hat.clone(), "rows": list(rows), "tokens": list(tokens)}
 
 
 class VARPipeline(PipelineBase):
@@ -180,7 +209,10 @@ class VARPipeline(PipelineBase):
             self.generate_latents([0] * b, **sampling)
 
     def kv_pool(self, batch: int) -> KVPool:
-        """The arena of a batch (2B rows per model); CoDe's refiner reuses the drafter's bytes."""
+        """The arena of a batch (2B rows per model); CoDe's refiner reuses the drafter's bytes. Every generation
+        takes it here: counted per batch, so that a paused `stream` sees another generation overwrite its cache."""
+        takes = self.__dict__.setdefault("_kv_takes", {})
+        takes[batch] = takes.get(batch, 0) + 1
         return self._kv_pool(batch, lambda: {name: [m.kv_shape(2 * batch, self.kv_tokens(name))] * m.cfg.depth
                                              for name, m in self.models.items()},
                              next(iter(self.models.values())).head.weight.dtype, share=True)
@@ -191,19 +223,22 @@ class VARPipeline(PipelineBase):
         bounds = self.cfg.scale_bounds()
         return max(bounds[max(p.scales)][1] for p in self.schedule if p.model == model)
 
-    def sampling_settings(self, cfg=4.0, top_k=900, top_p=0.95, temperature=1.0, preset=None) -> SamplingSettings:
+    def sampling_settings(self, cfg=4.0, top_k=900, top_p=0.95, temperature=1.0, preset=None,
+                          cfg_skip_last=0) -> SamplingSettings:
         """The validated settings of a call: scalars or one value per scale; a preset ('code-eval', 'var-demo')
-        overrides the four values."""
-        return var_settings(len(self.cfg.patch_nums), cfg, top_k, top_p, temperature, preset)
+        overrides the four values. cfg_skip_last=M: the last M scales without guidance (README, "Guidance
+        skipping"; 0 = off)."""
+        return var_settings(len(self.cfg.patch_nums), cfg, top_k, top_p, temperature, preset, cfg_skip_last)
 
     @torch.no_grad()
     def __call__(self, class_labels, cfg=4.0, top_k=900, top_p=0.95, temperature=1.0, seed=0, seeds=None,
-                 preset=None, progress=False) -> torch.Tensor:
+                 preset=None, progress=False, cfg_skip_last=0) -> torch.Tensor:
         """Sample one image per class label. Same seed (or per-image `seeds`) -> same images.
         cfg, top_k, top_p, temperature: scalars or lists of one value per scale (rules: SamplingSettings).
-        preset: 'code-eval' or 'var-demo' (overrides the sampling settings). Returns (B, 3, H, W) float32 in [0, 1]."""
+        preset: 'code-eval' or 'var-demo' (overrides the sampling settings). cfg_skip_last=M: the last M scales run
+        the conditional rows alone and draw without guidance (0 = off). Returns (B, 3, H, W) float32 in [0, 1]."""
         f_hat, images = self._sample(class_labels, cfg, top_k, top_p, temperature, seed, seeds, preset, progress,
-                                     decode=True)
+                                     decode=True, cfg_skip_last=cfg_skip_last)
         return images if images is not None else self.decode(f_hat, progress=progress)
 
     @torch.no_grad()
@@ -214,15 +249,123 @@ class VARPipeline(PipelineBase):
 
     @torch.no_grad()
     def generate_latents(self, class_labels, cfg=4.0, top_k=900, top_p=0.95, temperature=1.0, seed=0, seeds=None,
-                         preset=None, progress=False) -> torch.Tensor:
+                         preset=None, progress=False, cfg_skip_last=0) -> torch.Tensor:
         """Tokens only: the final f_hat (B, Cvae, h, w) fp32; token ids of every scale in `last_tokens`."""
-        return self._sample(class_labels, cfg, top_k, top_p, temperature, seed, seeds, preset, progress)[0]
+        return self._sample(class_labels, cfg, top_k, top_p, temperature, seed, seeds, preset, progress,
+                            cfg_skip_last=cfg_skip_last)[0]
 
-    def _sample(self, class_labels, cfg, top_k, top_p, temperature, seed, seeds, preset, progress, decode=False):
+    @torch.no_grad()
+    def edit(self, images, masks, class_labels, seed=0, seeds=None, progress=False, paste=False,
+             **sampling) -> torch.Tensor:
+        """Zero-shot editing (VAR paper; inpainting, outpainting, class-conditional editing), plain VAR and CoDe.
+        images (B, 3, H, W) float in [0, 1] (or uint8), H = W = image_size; masks (B, H, W) or (B, 1, H, W), bool
+        or in [0, 1]: 1 = regenerate, 0 = keep. At every scale a token is regenerated when more than half of its
+        area-pooling window of pixels is masked; all others are teacher-forced to the VQVAE encoder's tokens of the
+        image (var_rt.editing). class_labels: the class to draw the masked region as (num_classes = the null
+        class: unconditional inpainting, as the official demo). seed / seeds as __call__; **sampling: the settings
+        of `sampling_settings` (cfg, top_k, top_p, temperature, preset, ...). paste: put the input's pixels back
+        outside the mask (default False: the model's decode everywhere). The encoder + quant_conv are loaded from
+        the VQVAE file on first use (a random one for `random` pipelines). Runs eagerly (no CUDA graph).
+        Returns (B, 3, H, W) float32 in [0, 1]; token ids of every scale in `last_tokens`."""
+        from var_rt import editing
+        return editing.edit(self, images, masks, class_labels, seed=seed, seeds=seeds, progress=progress,
+                            paste=paste, **sampling)
+
+    def stream(self, class_labels, seed=0, seeds=None, every=1, progress=False, **sampling):
+        """Streaming previews: a generator of Preview(scale, images) after every `every` scales and after the last:
+        images (B, 3, H, W) float32 in [0, 1] decoded from f_hat, the residual-VQ sum of the scales drawn so far (the
+        official VQVAE decodes intermediate scales the same way: embed_to_img with last_one=False). sampling: the
+        keyword settings of __call__ (cfg, top_k, top_p, temperature, preset, ...: `sampling_settings`). The last
+        Preview holds exactly the images of pipe(class_labels, same settings, same seed). progress: a tqdm bar of
+        scales (the previews' decodes in its time). Everything is checked here, before the first `next`. Cost over
+        __call__: one eager decode per preview and a copy of f_hat per segment; with CUDA graphs one graph per
+        segment. Consume (or close) it before the next generation of the
+        same batch size on this pipeline: one started meanwhile overwrites the KV cache, and this stream then
+        raises RuntimeError instead of continuing."""
+        params = self.sampling_settings(**sampling)
+        labels = self.check_labels(class_labels)
+        seeds = check_seeds(labels.numel(), seed, seeds)
+        every = check_int(every, "every", 1, len(self.cfg.patch_nums))
+        return self._stream(labels, seeds, params, every, progress)
+
+    @torch.no_grad()
+    def _stream(self, labels, seeds, params: SamplingSettings, every: int, progress: bool):
+        K, B = len(self.cfg.patch_nums), labels.numel()
+        pool = self.kv_pool(B)
+        takes = self._kv_takes[B]
+        labels, seeds = labels.to(self.device), seeds.to(self.device)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=K, desc=f"VAR {B} img", unit="scale", leave=False)
+        state = None  # (f_hat, rows, tokens) after the last segment: with graphs, that graph's own outputs
+        try:
+            for seg in stream_segments(K, every):
+                if self._kv_takes[B] != takes:
+                    raise RuntimeError(f"this stream was paused at scale {seg.start - 1} while another generation of "
+                                       f"{B} images ran on the same pipeline (it overwrote the KV cache): consume "
+                                       "or close a stream before starting the next generation")
+
+                def run(lab, sd, seg_bar, seg=seg, prev=state):
+                    st = carried_state(prev, self.models, self.vae, B, lab.device)
+                    run_var(self.models, self.vae, self.schedule, lab, sd, params, pool, progress=seg_bar, scales=seg,
+                            state=st)
+                    return st["f_hat"], st["rows"], st["tokens"]
+                # the key names the chain (every), not just the segment: a graph reads its predecessor's outputs
+                state = self._run_segment(("stream", B, params, self.backend, every, seg.start), run, labels, seeds,
+                                          bar, len(seg))
+                images = self.decode(state[0])  # eager, between graphs: a fresh tensor, safe from the next replay
+                if seg.stop == K:
+                    self.last_tokens = [t.clone() for t in state[2]]  # graph-owned: the next replay rewrites them
+                    self.last_forward_passes = K
+                    self.last_stats = {"kv_pool_bytes": pool.nbytes,
+                                       **{f"kv_bytes_{name}": pool.model_bytes(name) for name in self.models}}
+                yield Preview(seg.stop - 1, images)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _run_segment(self, key, fn, labels, seeds, bar, n: int):
+        """One segment of a stream, in this pipeline's backend: fn(labels, seeds, bar) -> (f_hat, rows, tokens).
+        With graphs, one CUDA graph per key, returning its live outputs (GraphCache.run clone=False): the next
+        segment's graph is captured reading them in place. Separate graphs rather than one over the whole chain
+        because the host decodes and yields between segments. Eagerly otherwise, `bar` advanced per scale."""
+        with ops.use_backend(self._backend):
+            if not self.use_graphs:
+                return fn(labels, seeds, bar)
+            if self._graphs is None:
+                self._graphs = GraphCache(self.device)
+            out = self._graphs.run(key, lambda lab, sd: fn(lab, sd, None), labels, seeds, backend=self._backend,
+                                   clone=False)
+            if self._graphs.last_mode == "graph":
+                out = self._carry(key, out)
+        if bar is not None:
+            bar.update(n)
+        return out
+
+    def _carry(self, key, out):
+        """The live outputs (f_hat, rows, tokens) of a segment's graph copied into buffers of this chain's own,
+        allocated outside the graphs' shared memory pool, and returned: the next segment's graph is captured
+        reading these. Why not the graph's outputs themselves: the graphs share one pool, and a graph captured
+        earlier (another batch size, or pipe()) may use the same bytes as scratch, so replaying it between two
+        segments would overwrite them. The same buffers at every run of the chain (copy_ into them)."""
+        carries = self.__dict__.setdefault("_carries", {})
+        if key not in carries:
+            carries[key] = tuple(o.clone() if torch.is_tensor(o) else [t if t is None else t.clone() for t in o]
+                                 for o in out)
+            return carries[key]
+        for dst, src in zip(carries[key], out):
+            for d, x in (zip(dst, src) if isinstance(dst, list) else ((dst, src),)):
+                if d is not None:
+                    d.copy_(x)
+        return carries[key]
+
+    def _sample(self, class_labels, cfg, top_k, top_p, temperature, seed, seeds, preset, progress, decode=False,
+                cfg_skip_last=0):
         """(f_hat, images or None). With CUDA graphs at batch 1 the decoder runs inside the generation's graph
         (its ~100 launches cost more than its work there), as one chunk of `decode_chunk` (padded like `decode`,
         so the bytes are those of an eager decode); otherwise images are left to `decode`."""
-        params = self.sampling_settings(cfg, top_k, top_p, temperature, preset)
+        params = self.sampling_settings(cfg, top_k, top_p, temperature, preset, cfg_skip_last)
         labels = self.check_labels(class_labels)
         B = labels.numel()
         seeds = check_seeds(B, seed, seeds)

@@ -1,6 +1,6 @@
-"""`var-rt` command line: generate | info | sample | fid | demo | eval-demo | download | models.
+"""`var-rt` command line: generate | edit | info | sample | fid | demo | eval-demo | download | models | serve.
 
-One module per command (generate.py, info.py, sample.py, fid.py, demo.py for `demo` and `eval-demo`), each
+One module per command (generate.py, edit.py, info.py, sample.py, fid.py, demo.py for `demo` and `eval-demo`), each
 with an `add_parser(sub)`; args.py holds the model and sampling arguments they share and what they build.
 `python -m var_rt.cli ...` (and `torchrun -m var_rt.cli sample ...`) runs `main` through __main__.py. Nothing
 outside this package imports it.
@@ -18,6 +18,7 @@ import warnings
 USER_ERRORS = (ValueError, OSError, RuntimeError, MemoryError, ImportError)
 OUTPUTS = {  # command -> [(argument, option, is a folder)]: checked before the command runs
     "generate": [("out", "--out", False), ("per_image", "--per-image", True)],
+    "edit": [("out", "--out", False)],
     "sample": [("out", "--out", True)],
     "demo": [("out", "--out", False)],
     "eval-demo": [("json", "--json", False)],
@@ -36,10 +37,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from var_rt.cli import demo, fid, generate, hub, info, sample  # here, not at import: Ctrl-C in imports is caught
+    from var_rt.cli import demo, edit, fid, generate, hub, info, sample, serve  # here: Ctrl-C is caught
     p = _Parser(prog="var-rt", description="Fast sampling for VAR (+CoDe) and LlamaGen (+ZipAR).")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    for cmd in (generate, info, sample, fid, demo, hub):
+    for cmd in (generate, edit, info, sample, fid, demo, hub, serve):
         cmd.add_parser(sub)
     return p
 

@@ -62,7 +62,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="LlamaGen ZipAR visibility: exact (default: decoded predecessors only) or official (every "
                         "earlier slot, zero-filled when undecoded, as the official ZipAR code)")
     g.add_argument("--sjd-window", type=int, help="LlamaGen: Speculative Jacobi Decoding with L draft tokens per "
-                                                  "pass (0 = off; sequential order, not with --zipar-window)")
+                                                  "pass (0 = off; with --zipar-window: SJD + ZipAR, a window per row)")
     g.add_argument("--sjd-relaxed", type=int, help="LlamaGen SJD: relaxed acceptance over k codebook neighbours "
                                                    "(approximate; 0 = off)")
     g.add_argument("--random-weights", metavar="SPEC",
@@ -82,6 +82,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=_floats, default=None, help="float or K values (VAR 0.95, LlamaGen 1.0)")
     g.add_argument("--temperature", type=_floats, default=None, help="float or K values (default 1.0)")
     g.add_argument("--preset", choices=["code-eval", "var-demo"], help="VAR sampling presets (override the above)")
+    g.add_argument("--cfg-skip-last", type=int, default=None, metavar="M",
+                   help="VAR/CoDe: the last M scales run without the unconditional half and draw without guidance "
+                        "(faster, approximate; default 0 = off)")
     g.add_argument("--seed", type=int, default=0)
 
 
@@ -255,8 +258,8 @@ def check_model(a) -> ModelPlan:
             check_count(a.zipar_window, "--zipar-window", 1, plan.grid)
         check_count(getattr(a, "sjd_window", None), "--sjd-window", 0)
         check_count(getattr(a, "sjd_relaxed", None), "--sjd-relaxed", 0)
-        if getattr(a, "sjd_window", None) and a.zipar_window is not None:
-            raise UsageError("--sjd-window with --zipar-window: SJD + ZipAR is not implemented")
+        if getattr(a, "sjd_window", None) and a.zipar_window is not None and a.zipar_mask == "official":
+            raise UsageError("--sjd-window with --zipar-window supports --zipar-mask exact only")
         if getattr(a, "sjd_relaxed", None) and not getattr(a, "sjd_window", None):
             raise UsageError("--sjd-relaxed needs --sjd-window >= 1")
         return plan
@@ -378,6 +381,10 @@ def sampling_options(a, family: str) -> dict:
             kw[k] = getattr(a, k)
     if family == "var" and getattr(a, "preset", None):
         kw["preset"] = a.preset
+    if getattr(a, "cfg_skip_last", None) is not None:
+        if family != "var":
+            raise UsageError("--cfg-skip-last is for VAR/CoDe models (LlamaGen has no scales to skip guidance at)")
+        kw["cfg_skip_last"] = a.cfg_skip_last
     return kw
 
 

@@ -9,6 +9,9 @@ def add_parser(sub) -> None:
         return
     d = sub.add_parser("demo", help="generate a labelled PNG grid with the embedded demo models (SHAPES-10)")
     d.add_argument("--out", default="out/demo.png", help="PNG path")
+    d.add_argument("--edit-out", metavar="PATH",
+                   help="the zero-shot editing grid (VAR drafter: inpainting, class edits, outpainting); default: "
+                        "beside --out (out/demo_edit.png); 'none': not drawn")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--samples", type=int, default=2, help="images per class and method")
     d.add_argument("--classes", type=int, nargs="+", help="class ids (default: all 10)")
@@ -31,8 +34,11 @@ def _common(p) -> None:
     from var_rt.cli.args import add_quiet
     add_quiet(p)
     p.add_argument("--llamagen-methods", metavar="LIST",
-                   help="LlamaGen columns, comma-separated: seq, zipar-W, zipar-W-official, sjd-L, sjd-L-relaxed-K "
-                        "(default: seq and ZipAR at the demo windows)")
+                   help="LlamaGen columns, comma-separated: seq, zipar-W, zipar-W-official, sjd-L, sjd-L-relaxed-K, "
+                        "zipar-W-sjd-L (default: seq and ZipAR at the demo windows)")
+    p.add_argument("--cfg-skip-last", metavar="LIST",
+                   help="VAR/CoDe columns per guidance skip M, comma-separated (e.g. 0,1,2,3): the last M scales "
+                        "without guidance (default: 0 only)")
 
 
 def _checked(cmd):
@@ -52,6 +58,9 @@ def check_args(a) -> None:
     from var_rt.demo import models as dm
     from var_rt.demo.data import NUM_CLASSES
     if a.cmd == "demo":
+        if getattr(a, "edit_out", None) not in (None, "none"):
+            from var_rt.cli.args import check_output
+            check_output(a.edit_out, "--edit-out")
         check_count(a.samples, "--samples")
         check_count(a.scale, "--scale", 1, 64)
         bad = [c for c in a.classes or [] if not 0 <= c < NUM_CLASSES]
@@ -67,6 +76,14 @@ def check_args(a) -> None:
             parse_llamagen_methods(a.llamagen_methods)
         except ValueError as e:
             raise UsageError(f"--llamagen-methods: {e}") from None
+    if getattr(a, "cfg_skip_last", None) is not None:
+        from var_rt.demo.run import parse_cfg_skip
+        if a.methods == "llamagen":
+            raise UsageError("--cfg-skip-last is for the VAR/CoDe columns; --methods llamagen has none")
+        try:
+            parse_cfg_skip(a.cfg_skip_last, len(dm.load_manifest(a.weights or dm.WEIGHTS_DIR).get("patch_nums", ())))
+        except ValueError as e:
+            raise UsageError(f"--cfg-skip-last: {e}") from None
     if a.weights is not None and a.methods == "llamagen":
         raise UsageError("--weights is the folder of the VAR demo files; --methods llamagen does not use it")
     if a.methods == "llamagen":  # with "all", missing LlamaGen files leave the VAR columns only

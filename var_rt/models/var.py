@@ -157,8 +157,10 @@ class VAR(nn.Module):
 
     # ---- per generation -------------------------------------------------------------------------------------
     def prepare(self, labels2: torch.Tensor) -> dict:
-        """labels2 (2B,) = conditional labels then the null class. Everything constant across scales."""
-        cond = self.class_emb(labels2)  # (2B, C)
+        """labels2 (2B,) = conditional labels then the null class (the CFG pair), or (B,) conditional labels alone
+        (scales drawn without guidance: SamplingSettings.cfg_skip_last). Everything constant across scales; every
+        tensor has one row per label (N = 2B or B)."""
+        cond = self.class_emb(labels2)  # (N, C)
         shared = self.shared_ada_lin(cond).view(-1, 1, 6, self.cfg.width) if self.cfg.shared_aln else None
         scale, shift = self.head_nm.ada_lin(cond).view(-1, 1, 2, self.cfg.width).unbind(2)
         return {
@@ -168,24 +170,35 @@ class VAR(nn.Module):
             "head": (scale, shift),
         }
 
+    @staticmethod
+    def cond_rows(state: dict, B: int) -> dict:
+        """The state of prepare(labels2) cut to its first B rows, the conditional half: views (no launches), the
+        values prepare(labels) computes. For the scales drawn without guidance after guided ones."""
+        return {"cond": state["cond"][:B], "ada": [tuple(t[:B] for t in a) for a in state["ada"]],
+                "attn": state["attn"], "head": tuple(t[:B] for t in state["head"])}
+
     def lvl_pos(self, si: int) -> torch.Tensor:
         """(1, pn^2, C) level + position embedding of scale si."""
         b, e = self.cfg.scale_bounds()[si]
         return self.lvl_embed.weight[si].view(1, 1, -1) + self.pos_1LC[:, b:e]
 
     def scale_input(self, si: int, state: dict, rows: torch.Tensor | None) -> torch.Tensor:
-        """Transformer input of scale si, (2B, pn^2, C). rows: (B, pn^2, Cvae) fp32 area-downsampled f_hat
-        (None for scale 0, whose input is the class embedding + pos_start)."""
+        """Transformer input of scale si, (N, pn^2, C) for the state's N rows (2B: the CFG pair; B: conditional
+        only). rows: (B, pn^2, Cvae) fp32 area-downsampled f_hat (None for scale 0, whose input is the class
+        embedding + pos_start)."""
         if si == 0:
             cond = state["cond"]
             return cond.unsqueeze(1) + self.pos_start + self.lvl_pos(0)
         x = self.word_embed(rows.to(self.word_embed.weight.dtype)) + self.lvl_pos(si)
+        if state["cond"].shape[0] == x.shape[0]:
+            return x  # conditional rows alone (guidance skipped)
         return x.repeat(2, 1, 1)  # same input for the conditional and unconditional halves
 
     # ---- per step -------------------------------------------------------------------------------------------
     def forward_tokens(self, x, state: dict, kv_layers, start: int, q_scale=None, k_scale=None):
-        """x (2B, l, C) tokens at sequence positions [start, start+l); kv_layers[i] (2, 2B, H, Lmax, D).
-        Returns the head's AdaLN of the last hidden state, (2B, l, C): what `logits` reads."""
+        """x (N, l, C) tokens at sequence positions [start, start+l); kv_layers[i] (2, N, H, Lmax, D) (N = 2B, or B
+        with guidance skipped: the pool's conditional rows, kv[:, :B], a strided view). Returns the head's AdaLN of
+        the last hidden state, (N, l, C): what `logits` reads."""
         ada, blocks = state["ada"], self.blocks
         mods = [(a[2], a[4]) for a in ada] + [state["head"]]  # (scale1, shift1) of each block, then the head's
         h = ops.adaln(x, *mods[0], self.cfg.eps)
@@ -194,7 +207,7 @@ class VAR(nn.Module):
         return h
 
     def logits(self, h) -> torch.Tensor:
-        """(2B, l, C) from forward_tokens -> (2B, l, V) in the model's dtype (the sampler reads it as it is)."""
+        """(N, l, C) from forward_tokens -> (N, l, V) in the model's dtype (the sampler reads it as it is)."""
         return self.head(h)
 
     def kv_shape(self, rows: int, tokens: int | None = None) -> tuple:

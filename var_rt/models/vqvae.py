@@ -1,7 +1,9 @@
 """The inference half of VAR's multi-scale residual VQVAE (`vae_ch160v4096z32.pth`), official parameter names.
 
-Only what sampling runs: the quantizer codebook and its shared Phi convs, post_quant_conv and the decoder.
-The encoder and quant_conv are in the official file and are accepted and dropped (IGNORED_KEYS).
+Sampling runs the quantizer codebook and its shared Phi convs, post_quant_conv and the decoder. The encoder and
+quant_conv are in the official file too: a normal load accepts and drops them (IGNORED_KEYS), so generation never
+holds them; zero-shot editing (var_rt.editing) loads them on first use (loaders.load_vqvae_encoder; the modules
+and the tokenisation are in vqvae_encoder.py) and attaches them (`VQVAE.attach_encoder`).
 
 The decoder has two paths with one set of weights. The reference (torch backend) is plain NCHW, the spec.
 The fast path (wherever ops.group_norm_silu takes its Triton kernel, see ops.decoder_channels_last) runs
@@ -21,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORED_KEYS = (r"encoder\..*", r"quant_conv\..*", r"quantize\.ema_vocab_hit_SV")
+ENCODER_KEYS = (r"encoder\..*", r"quant_conv\..*")  # the encoding half: loaded only for editing
+IGNORED_KEYS = ENCODER_KEYS + (r"quantize\.ema_vocab_hit_SV",)
 KEEP_FP32 = (r"quantize\..*", r"post_quant_conv\..*")  # the latent side stays fp32 whatever the model dtype
 
 
@@ -213,6 +216,11 @@ class VQVAE(nn.Module):
         self.quantize = Quantizer(cfg)
         self.post_quant_conv = nn.Conv2d(cfg.cvae, cfg.cvae, 3, 1, 1)
         self.decoder = Decoder(cfg)
+        # The encoding half stays None (not even built) until editing attaches it: generation never holds it.
+        self.encoder: nn.Module | None = None     # vqvae_encoder.Encoder
+        self.quant_conv: nn.Conv2d | None = None
+        self.path: str | None = None          # the file it was loaded from (loaders.load_vqvae): editing loads
+        self.random_seed: int | None = None   # the encoder from there, or builds a random one (init_random_)
 
     def phi(self, si: int, num_scales: int) -> nn.Conv2d:
         return self.quantize.quant_resi.qresi_ls[phi_index(si, num_scales, self.cfg.n_phi)]
@@ -222,6 +230,11 @@ class VQVAE(nn.Module):
         dt = self.decoder.conv_in.weight.dtype
         z = self.post_quant_conv(f_hat.float()).to(dt)
         return self.decoder(z).float().clamp_(-1, 1).add_(1).mul_(0.5)
+
+    # ---- the encoding half (zero-shot editing only) ---------------------------------------------------------------
+    def attach_encoder(self, half) -> None:
+        """Take the encoder and quant_conv of a loaded EncoderHalf (they then appear in state_dict())."""
+        self.encoder, self.quant_conv = half.encoder, half.quant_conv
 
 
 def config_from_state_dict(sd) -> VQVAEConfig:
@@ -247,6 +260,8 @@ def config_from_state_dict(sd) -> VQVAEConfig:
 def init_random_(vae: VQVAE, seed: int = 0) -> VQVAE:
     """Random weights with sane activations (default conv init, unit norms, a spread-out codebook)."""
     g = torch.Generator().manual_seed(seed)
+    if isinstance(vae, VQVAE):
+        vae.random_seed = seed  # editing builds a random encoder from it (vqvae_encoder.random_encoder)
     for name, p in vae.named_parameters():
         if re.search(r"norm\w*\.weight$", name):
             p.fill_(1.0)
@@ -258,3 +273,4 @@ def init_random_(vae: VQVAE, seed: int = 0) -> VQVAE:
         else:
             p.copy_(torch.randn(p.shape, generator=g))
     return vae
+

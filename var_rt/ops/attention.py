@@ -61,13 +61,15 @@ def var_attention(qkv, kv, start: int, scale_mul, q_scale=None, k_scale=None, ou
 def zipar_visibility_mask(q_slot, counts, prefix: int, tpr: int, n_keys: int, official: bool = False):
     """(Q, n_keys) bool, the ZipAR visibility rule (var_rt.runtime.zipar): query at slot p sees key j iff
     (j <= p and (j < prefix or col(j) < counts[row(j)])) or j == p, with row, col = divmod(j - prefix, tpr).
-    official: the official ZipAR code's plain lower triangle, j <= p (undecoded slots included)."""
+    official: the official ZipAR code's plain lower triangle, j <= p (undecoded slots included).
+    counts (h,), or (Q, h) per query (SJD + ZipAR: each query sees the rows as plain ZipAR's pass drawing its
+    target does; runtime.sjd)."""
     j = torch.arange(n_keys, device=q_slot.device)
     if official:
         return j <= q_slot.long().view(-1, 1)
     img = (j - prefix).clamp(min=0)
-    row = (img // tpr).clamp(max=counts.numel() - 1)
-    drawn = (j < prefix) | ((img % tpr) < counts.long()[row])
+    row = (img // tpr).clamp(max=counts.shape[-1] - 1)
+    drawn = (j < prefix) | ((img % tpr) < counts.long()[..., row])
     p = q_slot.long().view(-1, 1)
     return ((j <= p) & drawn) | (j == p)
 
@@ -97,10 +99,11 @@ def zipar_attention_ref(q, k_cache, v_cache, vis, rope=None, out=None):
 
 
 def zipar_attention(q, k_cache, v_cache, vis, rope=None, out=None, backend=None, num_splits=None):
-    """The Triton kernel (var_rt.kernels.zipar_attention) or the reference. num_splits forces the kernel's
-    flash-decoding key split (1 = none; default from the shapes)."""
+    """The Triton kernel (var_rt.kernels.zipar_attention) or the reference (always for per-query (Q, h) counts,
+    which the kernel does not take). num_splits forces the kernel's flash-decoding key split (1 = none; default from
+    the shapes)."""
     fn = dispatch.fast_kernel(_zipar_attention_kernel, backend, q.device)
-    if fn is None:
+    if fn is None or vis.counts.dim() == 2:   # per-query counts (SJD + ZipAR): the kernel takes one (h,) row
         return zipar_attention_ref(q, k_cache, v_cache, vis, rope=rope, out=out)
     return fn(q, k_cache, v_cache, vis.q_slot, vis.counts, vis.prefix, vis.tpr, rope=rope, out=out,
               n_keys=vis.n_keys, num_splits=num_splits, official=vis.official)

@@ -6,6 +6,12 @@ cloned out. All graphs share one memory pool and are captured largest batch firs
 captured is decided per run, from the backend that run uses: a torch-backend run (the reference sampler syncs
 with the host to seed its generators) goes eagerly without touching later fast runs. Only what holds for the
 whole cache turns graphs off for good: a CPU device, or a capture that failed (one warning saying why).
+
+Chains (VARPipeline.stream): a generation split into segments of scales is one graph per segment. After each
+replay the segment's live outputs (`run(..., clone=False)`) are copied into buffers the chain owns, outside the
+shared pool (another graph captured earlier may use the outputs' bytes as scratch), and the next segment's graph
+is captured reading those buffers in place. A segment's function must not write its input tensors (it copies
+f_hat): the warm-up run inside `capture` then leaves the previous segment's state as it was.
 """
 from __future__ import annotations
 
@@ -59,10 +65,15 @@ class GraphCache:
         self.graphs[key] = _Captured(graph, static_labels, static_seeds, outputs)
         return self.graphs[key]
 
-    def run(self, key, fn, labels: torch.Tensor, seeds: torch.Tensor, backend: str | None = None):
+    def run(self, key, fn, labels: torch.Tensor, seeds: torch.Tensor, backend: str | None = None,
+            clone: bool = True):
         """Replay the graph for `key` (capturing it first), or run fn eagerly where this run cannot be captured.
         backend: the op backend this run uses (default: ops.default_backend now, i.e. inside the caller's
-        ops.use_backend); a torch run goes eagerly this time only."""
+        ops.use_backend); a torch run goes eagerly this time only.
+        clone=False returns the graph's own output tensors (the same objects at every replay; None entries allowed),
+        for chaining graphs: a graph captured with another one's outputs as its inputs reads them in place at each
+        replay (streaming previews). They stay allocated while the cache holds the entry, and the next replay of
+        `key` overwrites them: copy what must outlive it."""
         why = self.eager_reason(backend)
         if why is not None:
             self.last_mode = f"eager: {why}"
@@ -79,4 +90,6 @@ class GraphCache:
         entry.labels.copy_(labels)
         entry.seeds.copy_(seeds)
         entry.graph.replay()
+        if not clone:
+            return entry.outputs
         return tuple(o.clone() if torch.is_tensor(o) else [t.clone() for t in o] for o in entry.outputs)

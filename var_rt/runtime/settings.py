@@ -33,6 +33,9 @@ class SamplingSettings:
                    and the draw uses max(temperature, 1e-5) in both families (`at`).
       cfg_interval LlamaGen only: an int >= -1; -1 = CFG on every token, else token t >= 1 drops CFG once
                    t - 1 > cfg_interval.
+      cfg_skip_last VAR/CoDe only: an int in 0..K-1 (0 = off). The last M scales run the conditional rows alone
+                   (B instead of 2B) and draw from the conditional logits: guidance t = 0 there instead of
+                   cfg * k / (K - 1) (an approximation of the official distribution; README "Guidance skipping").
     top_k, top_p and temperature are a scalar or, for VAR only, a list of one value per scale (`steps` = K);
     LlamaGen (`steps` = None) takes one value (a list of length 1 is accepted).
     Fields hold one value per step: tuples of length K (VAR) or 1 (LlamaGen).
@@ -42,12 +45,19 @@ class SamplingSettings:
     top_p: tuple
     temperature: tuple
     cfg_interval: int = -1
+    cfg_skip_last: int = 0
 
     @classmethod
     def build(cls, cfg=4.0, top_k=0, top_p=1.0, temperature=1.0, cfg_interval=-1,
-              steps: int | None = None) -> "SamplingSettings":
+              steps: int | None = None, cfg_skip_last=0) -> "SamplingSettings":
         """steps: K for VAR (scalars are repeated K times, lists must have K values); None for LlamaGen."""
         n = 1 if steps is None else int(steps)
+        if steps is None and not (_is_int(cfg_skip_last) and cfg_skip_last == 0):
+            raise ValueError(f"cfg_skip_last={cfg_skip_last!r}: guidance skipping is for VAR/CoDe models (LlamaGen "
+                             "drops CFG with cfg_interval)")
+        if not (_is_int(cfg_skip_last) and 0 <= cfg_skip_last < n):
+            raise ValueError(f"cfg_skip_last={cfg_skip_last!r}: must be an int in 0..{n - 1} (the last scales drawn "
+                             "without guidance; 0 = off)")
 
         def per_step(v, name, ok, why):
             if isinstance(v, (list, tuple)):
@@ -78,7 +88,13 @@ class SamplingSettings:
                                                          lambda x: _is_real(x) and 0 <= x < math.inf,
                                                          "must be a number >= 0 (0 = near-greedy)")),
             cfg_interval=int(cfg_interval),
+            cfg_skip_last=int(cfg_skip_last),
         )
+
+    def guided(self, k: int) -> bool:
+        """Whether VAR scale k runs the CFG pair (2B rows) and mixes the guidance; False at the last
+        cfg_skip_last scales (the conditional rows alone)."""
+        return k < len(self.top_k) - self.cfg_skip_last
 
     def at(self, i: int = 0) -> tuple:
         """(top_k, top_p, temperature) of step i (VAR scale i; LlamaGen: 0), the temperature as drawn:

@@ -62,6 +62,11 @@ def row_start(r: int, tpr: int, w: int) -> int:
     return 0 if r == 0 else tpr + (r - 1) * w
 
 
+def counts_at(t: int, h: int, tpr: int, w: int) -> tuple:
+    """(h,) tokens of each row drawn before pass t of ZipAR with window w."""
+    return tuple(min(max(t - row_start(r, tpr, w), 0), tpr) for r in range(h))
+
+
 def num_passes(h: int, tpr: int, w: int) -> int:
     return tpr if h == 1 else row_start(h - 1, tpr, w) + tpr
 
@@ -89,7 +94,7 @@ def zipar_schedule(h: int, tpr: int, w: int, prefix: int = 1) -> list:
     starts = [row_start(r, tpr, w) for r in range(h)]
     passes = []
     for t in range(num_passes(h, tpr, w)):
-        n = tuple(min(max(t - s, 0), tpr) for s in starts)
+        n = counts_at(t, h, tpr, w)
         qs = []
         for r in range(1, h):  # KV-only query of a row that finished last pass (unless fed by the next row's start)
             if t == starts[r] + tpr and not (r + 1 < h and starts[r + 1] == t):
@@ -125,8 +130,8 @@ def sequential_schedule(h: int, tpr: int, prefix: int = 1) -> list:
 class Visibility(NamedTuple):
     """What the attention of one pass needs to derive each query's visible keys."""
     q_slot: torch.Tensor   # (Q,) int32
-    counts: torch.Tensor   # (h,) int32 tokens of each row drawn before this pass
-    prefix: int
+    counts: torch.Tensor   # (h,) int32 tokens of each row drawn before this pass; (Q, h) per query (SJD + ZipAR,
+    prefix: int            # runtime.sjd; the torch reference attention only)
     tpr: int
     n_keys: int            # max(q_slot) + 1: keys beyond it are never visible
     official: bool = False  # zipar_mask="official": every key slot j <= p is visible (a plain causal mask)
