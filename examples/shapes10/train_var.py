@@ -41,7 +41,8 @@ from var_rt.demo.models import (VAR_CODE_STEPS as CODE_STEPS, VAR_MANIFEST as MA
                                 load_demo_var, load_manifest, sample_classes)
 from var_rt.models import var as var_model
 from var_rt.models import vqvae as vqvae_model
-from var_rt.models.vqvae import AttnBlock, ResnetBlock
+# the official Encoder module tree (`encoder.*`) and its asymmetric-padding Downsample2x (train_llamagen uses it)
+from var_rt.models.vqvae_encoder import Downsample2x, Encoder  # noqa: F401
 
 PATCH_NUMS = (1, 2, 3, 4, 6, 8)  # 130 tokens; the last map is the 8x8 latent of a 32x32 image
 VAE_CFG = vqvae_model.VQVAEConfig(vocab=256, cvae=16, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1)
@@ -52,53 +53,7 @@ DATA_SEEDS = {"vae": 1001, "var": 2001}  # SHAPES-10 seeds (classifier: 7001, he
 
 # ---------------------------------------------------------------------------------------------------------------
 # VQVAE: the training half (encoder + quant_conv) around var_rt's inference half
-class Downsample2x(nn.Module):  # official: pad right/bottom by one, then a stride-2 3x3 conv without padding
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, 2, 0)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Encoder(nn.Module):
-    """Image (B, 3, H, W) -> (B, Cvae, H/2^(levels-1), ...); the official module tree (`down.{i}.block.{j}` ...)."""
-
-    def __init__(self, cfg: vqvae_model.VQVAEConfig):
-        super().__init__()
-        levels = len(cfg.ch_mult)
-        self.conv_in = nn.Conv2d(3, cfg.ch, 3, 1, 1)
-        block_in, self.down = cfg.ch, nn.ModuleList()
-        for lvl in range(levels):
-            down = nn.Module()
-            blocks, attns = [], []
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(ResnetBlock(block_in, cfg.ch * cfg.ch_mult[lvl]))
-                block_in = cfg.ch * cfg.ch_mult[lvl]
-                if lvl == levels - 1 and cfg.using_sa:
-                    attns.append(AttnBlock(block_in))
-            down.block, down.attn = nn.ModuleList(blocks), nn.ModuleList(attns)
-            if lvl != levels - 1:
-                down.downsample = Downsample2x(block_in)
-            self.down.append(down)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in)
-        self.mid.attn_1 = AttnBlock(block_in) if cfg.using_mid_sa else nn.Identity()
-        self.mid.block_2 = ResnetBlock(block_in, block_in)
-        self.norm_out = nn.GroupNorm(32, block_in, eps=1e-6)
-        self.conv_out = nn.Conv2d(block_in, cfg.cvae, 3, 1, 1)
-
-    def forward(self, x):
-        h = self.conv_in(x)
-        for lvl, down in enumerate(self.down):
-            for i, blk in enumerate(down.block):
-                h = blk(h)
-                if len(down.attn):
-                    h = down.attn[i](h)
-            if lvl != len(self.down) - 1:
-                h = down.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+# (the encoder and its Downsample2x are var_rt's own, var_rt.models.vqvae_encoder, which editing loads)
 
 
 class TrainVQVAE(nn.Module):

@@ -1,7 +1,7 @@
-"""The encoding half of VAR's multi-scale residual VQVAE, for zero-shot editing only (var_rt.editing): the
-official Encoder (FoundationVision/VAR models/basic_vae.py) and quant_conv under their official key names
-(`encoder.*`, `quant_conv.*`), and the official img_to_idxBl: quant_conv(encoder(2 img - 1)) tokenised scale by scale
-as VectorQuantizer2.f_to_idxBl_or_fhat does.
+"""The encoding half of VAR's multi-scale residual VQVAE, for zero-shot editing (var_rt.editing; also the module
+tree examples/shapes10/train_var.py trains): the official Encoder (FoundationVision/VAR models/basic_vae.py) and
+quant_conv under their official key names (`encoder.*`, `quant_conv.*`), and the official img_to_idxBl:
+quant_conv(encoder(2 img - 1)) tokenised scale by scale as VectorQuantizer2.f_to_idxBl_or_fhat does.
 
 Generation never builds or loads any of this: a normal VQVAE load accepts and drops these keys (vqvae.IGNORED_KEYS);
 editing loads them on first use (loaders.load_vqvae_encoder) and attaches them to the VQVAE (attach_encoder).
