@@ -73,13 +73,13 @@ def test_sjd_distribution_equals_sequential_chi_square():
     seq = pipe.generate_tokens([1] * M, cfg=1.0, top_k=0, seed=0)
     assert chi2(seq) < 37.70                               # the reference sampler passes the same test
     # the test has power: accepting every draft (no speculative-sampling test) is caught
-    orig = sjd._noise
-    try:
-        sjd._noise = lambda seed, i, t, purpose, n, device: (torch.full((n,), 1e9) if purpose == sjd._ACCEPT
-                                                                 else orig(seed, i, t, purpose, n, device))
+    orig = sjd.keyed_uniform
+    try:   # u = 0: every draft passes the acceptance test
+        sjd.keyed_uniform = lambda seed, i, t, purpose, vocab=0: (orig(seed, i, t, purpose, vocab) *
+                                                                  (purpose != sjd._ACCEPT))
         bad = pipe.generate_tokens([1] * M, cfg=1.0, top_k=0, seed=0, sjd_window=3)
     finally:
-        sjd._noise = orig
+        sjd.keyed_uniform = orig
     assert chi2(bad) > 37.70
 
 

@@ -72,13 +72,13 @@ def test_sjd_zipar_distribution_equals_zipar_chi_square():
     assert _chi2(ref, _joint(got, 5, 6, 4)) < 37.70
     seq = pipe.generate_tokens([1] * M, seed=1, **kw)
     assert _chi2(ref, _joint(seq, 5, 6, 4)) > 37.70          # the test tells ZipAR's distribution from sequential's
-    orig = sjd._noise
-    try:
-        sjd._noise = lambda seed, i, t, purpose, n, device: (torch.full((n,), 1e9) if purpose == sjd._ACCEPT
-                                                                 else orig(seed, i, t, purpose, n, device))
+    orig = sjd.keyed_uniform
+    try:   # u = 0: every draft passes the acceptance test
+        sjd.keyed_uniform = lambda seed, i, t, purpose, vocab=0: (orig(seed, i, t, purpose, vocab) *
+                                                                  (purpose != sjd._ACCEPT))
         bad = pipe.generate_tokens([1] * M, seed=2, zipar_window=1, sjd_window=3, **kw)
     finally:
-        sjd._noise = orig
+        sjd.keyed_uniform = orig
     assert _chi2(ref, _joint(bad, 5, 6, 4)) > 37.70
 
 

@@ -222,8 +222,8 @@ class LlamaGenPipeline(PipelineBase):
         settings of __call__ (STREAM_OPTIONS). The last RowsPreview holds exactly the images of
         pipe(class_labels, same settings, same seed). Everything is checked here, before the first `next`. The
         passes run eagerly (no CUDA graph), the same decode_pass / prefill calls as runtime.llamagen.decode_passes;
-        cost over __call__: one decode per preview. SJD (sjd_window > 0: one image at a time, a variable number
-        of passes) gives no previews: the images are drawn in this call and the generator yields them once.
+        cost over __call__: one decode per preview. SJD (sjd_window > 0: a variable number of passes per image)
+        gives no previews: the images are drawn in this call and the generator yields them once.
         Consume (or close) it before the next generation of the same batch size on this pipeline: they share the
         KV cache."""
         unknown = sorted(set(sampling) - set(self.STREAM_OPTIONS))
@@ -286,10 +286,11 @@ class LlamaGenPipeline(PipelineBase):
         yield RowsPreview(c.grid, self.decode(tokens))
 
     def _generate_sjd(self, labels, settings, seed, seeds, zipar_window, L, relaxed, progress, zipar_mask="exact"):
-        """Speculative Jacobi Decoding (runtime.sjd): eagerly, one image at a time (its own KV rows, so an image does
-        not depend on the batch); with zipar_window, SJD + ZipAR (runtime.sjd.generate_one_zipar; "exact" mask
-        only). last_forward_passes: the most passes any image took; last_stats: per image "sjd_passes" and
-        "sjd_acceptance" (accepted / tested drafts)."""
+        """Speculative Jacobi Decoding (runtime.sjd). Plain SJD: the whole batch at once (runtime.sjd.generate_batch:
+        static shapes, one KV pool of N rows, one CUDA graph of a pass replayed on CUDA with the fast backend; an
+        image's tokens do not depend on the batch). Relaxed acceptance, and SJD + ZipAR (generate_one_zipar;
+        "exact" mask only): eagerly, one image at a time (its own KV rows). last_forward_passes: the most passes
+        any image took; last_stats: per image "sjd_passes" and "sjd_acceptance" (accepted / tested drafts)."""
         if zipar_window is not None:
             zipar.check_window(zipar_window, self.cfg.grid)
             if zipar.check_mask(zipar_mask) != "exact":
@@ -300,6 +301,24 @@ class LlamaGenPipeline(PipelineBase):
         if isinstance(relaxed, bool) or not isinstance(relaxed, int) or relaxed < 0:
             raise ValueError(f"sjd_relaxed {relaxed!r}: expected an int >= 0 (0 = exact acceptance)")
         B = labels.numel()
+        if zipar_window is None and not relaxed:
+            seeds = check_seeds(B, seed, seeds).to(self.device)
+            pool = self.kv_pool(2 * B if settings.cfg > 1.0 else B)
+            bar = None
+            if progress:
+                from tqdm import tqdm
+                bar = tqdm(total=self.cfg.grid ** 2, desc=f"LlamaGen {B} img, SJD L={L}", unit="tok", leave=False)
+            with ops.use_backend(self._backend):
+                tokens, passes, acc, n = sjd.generate_batch(self.gpt, labels, seeds, pool.views["llamagen"], settings,
+                                                            L, self.backend, progress=bar,
+                                                            graph=self.use_graphs and self.backend != "torch")
+            if bar is not None:
+                bar.close()
+            self.last_tokens = tokens
+            self.last_forward_passes = int(passes.max())
+            self.last_stats = {"kv_pool_bytes": pool.nbytes, "sjd_passes": passes.tolist(),
+                               "sjd_acceptance": (acc.double() / n.clamp(min=1)).tolist()}
+            return tokens
         seeds = check_seeds(B, seed, seeds).tolist()
         pool = self.kv_pool(2 if settings.cfg > 1.0 else 1)
         nb = None
