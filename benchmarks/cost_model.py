@@ -613,9 +613,11 @@ def _wrap(obj, name, make):
     return lambda: obj.__dict__.pop(name, None)
 
 
-def count(pipe, batch: int, zipar_window=None, track_memory=True, stream_every=None, **sampling) -> dict:
+def count(pipe, batch: int, zipar_window=None, track_memory=True, stream_every=None, sjd=None, **sampling) -> dict:
     """Runs pipe(labels) once on meta under the recorder; returns the counts (see `report`). stream_every (VAR):
-    list(pipe.stream(labels, every=E)) instead: the segments' launches as tokens, the previews' decodes as decode."""
+    list(pipe.stream(labels, every=E)) instead: the segments' launches as tokens, the previews' decodes as decode.
+    sjd=(L, P) (LlamaGen): batched SJD with windows of L, run for P passes (a pass count is data-dependent: on meta
+    there are no values to accept or reject, so P is an input: `_run_sjd`)."""
     from var_rt.runtime import zipar
     c = Counter(track_memory)
     var = hasattr(pipe, "models")
@@ -670,6 +672,8 @@ def count(pipe, batch: int, zipar_window=None, track_memory=True, stream_every=N
             if qs is not None and qs.shape[0] == len(slots):
                 c.zipar_slots[id(qs)] = (sum(x + 1 for x in slots), max(slots) + 1)
         passes, layers_x_steps = len(plan), g.n_layer * len(plan)
+        if sjd:
+            passes, layers_x_steps = sjd[1], g.n_layer * sjd[1]
         sig = inspect.signature(pipe.gpt.step)
 
         def make_step(orig):
@@ -717,6 +721,8 @@ def count(pipe, batch: int, zipar_window=None, track_memory=True, stream_every=N
         with patched(c), Recorder(c):
             if stream_every:
                 list(pipe.stream(labels, every=stream_every, **sampling))
+            elif sjd:
+                _run_sjd(c, pipe, labels, *sjd, sampling)
             else:
                 pipe(labels, **sampling)
     finally:
@@ -724,9 +730,31 @@ def count(pipe, batch: int, zipar_window=None, track_memory=True, stream_every=N
             h.remove()
         for u in undo:
             u()
+    if sjd:  # the SJD pool is made inside the run (2B rows with CFG)
+        pool_bytes = sum(getattr(p, "nbytes", 0) for p in getattr(pipe, "_pools", {}).values())
     return {"counter": c, "layers_x_steps": layers_x_steps, "steps": passes, "static_bytes": static,
             "kv_pool_bytes": pool_bytes, "cpu_s": time.perf_counter() - t0, "sampling": sampling,
-            "stream_every": stream_every}
+            "stream_every": stream_every, "sjd": sjd}
+
+
+def _run_sjd(c: Counter, pipe, labels: list, L: int, passes: int, sampling: dict) -> None:
+    """Batched SJD as LlamaGenPipeline._generate_sjd runs it (runtime.sjd.init_state, then sjd_pass: the pass a
+    CUDA graph replays), for exactly `passes` passes, then the decode. The pipeline's own loop syncs with the host
+    every few passes to test completion; on meta it cannot, so the pass count is given."""
+    from var_rt import ops
+    from var_rt.runtime import sjd
+    kw = {k: sampling[k] for k in ("cfg", "top_k", "top_p", "temperature", "cfg_interval") if k in sampling}
+    settings = pipe.sampling_settings(**kw)
+    lab = torch.tensor(labels, device=pipe.device)
+    seeds = torch.arange(len(labels), device=pipe.device)
+    pool = pipe.kv_pool(2 * len(labels) if settings.cfg > 1.0 else len(labels))
+    with ops.use_backend(pipe.backend):
+        s = sjd.init_state(pipe.gpt, lab, seeds, L, settings.cfg > 1.0)
+        with c.in_phase("tokens"):  # the passes: what the CUDA graph of a pass replays
+            for _ in range(passes):
+                sjd.sjd_pass(pipe.gpt, s, pool.views["llamagen"], settings, pipe.backend)
+    n = pipe.cfg.grid ** 2
+    pipe.decode(s.tokens[:, :n])
 
 
 def _phased(c: Counter, phase: str, f):
@@ -805,6 +833,9 @@ def report(name: str, batch: int, res: dict) -> dict:
         "torch": torch.__version__, "backend": fast_backend(),
         "sampling": {k: v for k, v in res["sampling"].items() if k != "seed"},
         **({"stream_every": res["stream_every"]} if res.get("stream_every") else {}),
+        **({"sjd": {"window": res["sjd"][0], "passes": res["sjd"][1],
+                    "passes_note": "an input (acceptance is data-dependent), not counted: see --sjd-passes"}}
+           if res.get("sjd") else {}),
         "steps": res["steps"], "layers_x_steps": res["layers_x_steps"], "layer_steps": c.layer_steps,
         "launches": {"total": tot["launches"], **{p: ph[p]["launches"] for p in PHASES}},
         "h2d_copies": tot["h2d"],
@@ -848,6 +879,7 @@ def table(rows) -> str:
         lpls = r["launches_per_layer_step"]
         name = r["config"] + (f" skip{r['sampling']['cfg_skip_last']}" if r["sampling"].get("cfg_skip_last") else "")
         name += f" stream{r['stream_every']}" if r.get("stream_every") else ""
+        name += f" sjd{r['sjd']['window']}x{r['sjd']['passes']}" if r.get("sjd") else ""
         peak = r["peak_bytes"]["estimate"] / 2**30 if r["peak_bytes"] else float("nan")
         lines.append(f"{name:<16}{r['batch']:>4}{r['launches']['total']:>10}{r['launches']['tokens']:>9}"
                      f"{r['launches']['decode']:>8}{lpls if lpls is None else round(lpls, 2)!s:>10}"
@@ -859,13 +891,14 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def run_one(name: str, batch: int, track_memory=True, cfg_skip_last: int = 0, stream_every=None) -> dict:
+def run_one(name: str, batch: int, track_memory=True, cfg_skip_last: int = 0, stream_every=None, sjd=None) -> dict:
     """cfg_skip_last (VAR configs): the last M scales without the unconditional rows (guidance skipping).
-    stream_every (VAR configs): a streaming-previews generation, a preview every E scales."""
+    stream_every (VAR configs): a streaming-previews generation, a preview every E scales. sjd=(L, P) (sequential
+    LlamaGen configs): batched SJD, windows of L, P passes."""
     pipe, window = build(name)
     skip = {"cfg_skip_last": cfg_skip_last} if cfg_skip_last else {}
     return report(name, batch, count(pipe, batch, zipar_window=window, track_memory=track_memory,
-                                     stream_every=stream_every, **skip))
+                                     stream_every=stream_every, sjd=sjd, **skip))
 
 
 def main(argv=None) -> int:
@@ -881,7 +914,18 @@ def main(argv=None) -> int:
                    help="VAR configs: count list(pipe.stream(labels, every=E)) (streaming previews) instead of pipe()")
     p.add_argument("--cfg-skip-last", type=int, default=0, metavar="M",
                    help="VAR configs: the last M scales run the conditional rows alone (guidance skipping; 0 = off)")
+    p.add_argument("--sjd-window", type=int, default=0, metavar="L",
+                   help="llamagen-xl-384 / tiny-llamagen: batched Speculative Jacobi Decoding with windows of L")
+    p.add_argument("--sjd-passes", type=int, default=None, metavar="P",
+                   help="with --sjd-window: the passes per generation (acceptance decides them; on meta there is "
+                        "nothing to accept, so give them: measured, or e.g. 0.55 x 576 = 317 from the demo "
+                        "LlamaGen's SJD L=8 ratio)")
     a = p.parse_args(argv)
+    if a.sjd_window or a.sjd_passes is not None:
+        if a.all or a.config not in ("llamagen-xl-384", "tiny-llamagen"):
+            p.error("--sjd-window is for one sequential LlamaGen config (llamagen-xl-384, tiny-llamagen)")
+        if a.sjd_window < 1 or a.sjd_passes is None or a.sjd_passes < 1:
+            p.error("--sjd-window L needs L >= 1 and --sjd-passes P >= 1 (the passes per generation)")
     if not a.all and not a.config:
         p.error("give --config NAME (and --batch B) or --all")
     if a.cfg_skip_last and (a.all or a.config not in ("d30", "code8", "code6", "tiny-var")):
@@ -906,7 +950,8 @@ def main(argv=None) -> int:
             json.dump([summary(r) for r in rows], f, indent=1)
         print(text)
         return 0
-    r = run_one(a.config, a.batch, not a.no_memory, a.cfg_skip_last, a.stream_every)
+    r = run_one(a.config, a.batch, not a.no_memory, a.cfg_skip_last, a.stream_every,
+                (a.sjd_window, a.sjd_passes) if a.sjd_window else None)
     print(json.dumps(r, indent=1) if a.json else table([r]))
     return 0
 

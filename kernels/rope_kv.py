@@ -2,9 +2,9 @@
 
     rope_kv_write(k, v, k_cache, v_cache, slots, rope) -> None
 k, v (N, Q, Hkv, D), any strides (views of the wqkv GEMM output); k_cache, v_cache (N, Hkv, L, D); slots (Q,)
-int KV slot of each query; rope (L', D/2, 2) fp32 (cos, sin) per interleaved pair, L' >= L. Writes
+int KV slot of each query, or (N, Q): one row of slots per batch row (batched SJD); rope (L', D/2, 2) fp32 (cos, sin) per interleaved pair, L' >= L. Writes
     k_cache[n, h, slots[q]] = apply_rotary_emb(k[n, q, h], rope[slots[q]])    (fp32 rotation, cache dtype)
-    v_cache[n, h, slots[q]] = v[n, q, h]
+    v_cache[n, h, slots[q]] = v[n, q, h]                                       (slots[n, q] for (N, Q) slots)
 The rotation reads each head row twice, as is and pair-swapped (element d ^ 1), so no even/odd split is needed:
     out[d] = x[d] cos - x[d + 1] sin (d even),  x[d] cos + x[d - 1] sin (d odd)     (official apply_rotary_emb)
 One program = one (n, q) and a block of heads. Spec: var_rt.ops.rope_kv_write_ref.
@@ -22,7 +22,7 @@ _OP = "rope_kv_write"
 
 @triton.jit
 def _rope_kv_kernel(K, V, KC, VC, SLOTS, ROPE,
-                    Q, Hkv, D,
+                    Q, Hkv, D, ssn,
                     skn, skq, skh, skd, svn, svq, svh, svd,
                     kcn, kch, kcl, kcd, vcn, vch, vcl, vcd,
                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -32,7 +32,7 @@ def _rope_kv_kernel(K, V, KC, VC, SLOTS, ROPE,
     hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
     mask = (hs < Hkv)[:, None] & (d < D)[None, :]
-    slot = tl.load(SLOTS + q).to(tl.int64)
+    slot = tl.load(SLOTS + n * ssn + q).to(tl.int64)     # ssn = 0: one slot row shared by the batch
     kb = K + n.to(tl.int64) * skn + q * skq + hs[:, None] * skh
     x = tl.load(kb + d[None, :] * skd, mask=mask, other=0.0).to(tl.float32)
     xp = tl.load(kb + (d ^ 1)[None, :] * skd, mask=mask, other=0.0).to(tl.float32)    # pair-swapped
@@ -52,7 +52,8 @@ def rope_kv_write(k, v, k_cache, v_cache, slots, rope):
     check_device(_OP, dev)
     for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(_OP, name, t, ndim=4, dtypes=FLOAT_DTYPES, device=dev)
-    check_tensor(_OP, "slots", slots, ndim=1, dtypes=INT_DTYPES, device=dev)
+    check(slots.dim() in (1, 2), _OP, f"slots must be (Q,) or (N, Q), got {tuple(slots.shape)}")
+    check_tensor(_OP, "slots", slots, ndim=slots.dim(), dtypes=INT_DTYPES, device=dev)
     check_tensor(_OP, "rope", rope, ndim=3, dtypes=(torch.float32,), device=dev)
     N, Q, Hkv, D = k.shape
     L = k_cache.shape[2]
@@ -61,7 +62,8 @@ def rope_kv_write(k, v, k_cache, v_cache, slots, rope):
           f"caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)} do not fit k {tuple(k.shape)}")
     check(k_cache.dtype == v_cache.dtype == k.dtype == v.dtype, _OP, "k, v and the caches must share one dtype")
     check(D % 2 == 0, _OP, f"head dim {D} must be even")
-    check(slots.numel() == Q, _OP, f"slots has {slots.numel()} entries for {Q} queries")
+    check(slots.shape[-1] == Q and (slots.dim() == 1 or slots.shape[0] == N), _OP,
+          f"slots {tuple(slots.shape)} do not fit {N} rows x {Q} queries")
     check(rope.shape[1:] == (D // 2, 2) and rope.shape[0] >= L and rope.is_contiguous(), _OP,
           f"rope must be a contiguous ({L}+, {D // 2}, 2) fp32 table, got {tuple(rope.shape)}")
     if N * Q * Hkv == 0:
@@ -73,6 +75,6 @@ def rope_kv_write(k, v, k_cache, v_cache, slots, rope):
     warps = 1 if tile <= 256 else 2 if tile <= 1024 else 4
     _rope_kv_kernel[(N * Q, triton.cdiv(Hkv, block_h))](
         k, v, k_cache, v_cache, slots, rope,
-        Q, Hkv, D,
+        Q, Hkv, D, slots.stride(0) if slots.dim() == 2 else 0,
         *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
         BLOCK_H=block_h, BLOCK_D=block_d, num_warps=warps)

@@ -4,7 +4,7 @@
                     num_splits=None) -> (N, H, Q, D)
 Semantics of the torch reference `var_rt.ops.zipar_attention_ref` (the spec): q (N, H, Q, D) not yet rotated
 when `rope` (L', D/2, 2) fp32 (cos, sin) is given; k_cache, v_cache (N, Hkv, L, D), K rotated; q_slot (Q,) int
-KV slot of each query; counts (h,) int tokens of each row drawn before this pass. Visibility is computed per key
+KV slot of each query, or (N, Q): one row per batch row (batched SJD, with official=True: causal per row); counts (h,) int tokens of each row drawn before this pass. Visibility is computed per key
 from its slot, no mask tensor:
     key j visible to the query at slot p  <=>  (j <= p and (j < prefix or col(j) < counts[row(j)])) or j == p
 with row(j), col(j) = divmod(j - prefix, tpr) (official=True: j <= p, the official ZipAR code's mask). Softmax scale 1/sqrt(D), fp32 statistics, online softmax.
@@ -36,7 +36,7 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _zipar_attn_kernel(Q, K, V, O, PO, PML, QSLOT, COUNTS, ROPE,
-                       sqn, sqh, sqq, sqd, skn, skh, skl, skd, svn, svh, svl, svd, son, soh, soq, sod,
+                       sqn, sqh, sqq, sqd, skn, skh, skl, skd, svn, svh, svl, svd, son, soh, soq, sod, spn,
                        N, H, Qn, GROUP, D, prefix, tpr, n_rows, chunk, n_splits, qk_scale,
                        HAS_ROPE: tl.constexpr, SPLIT: tl.constexpr, F32_DOT: tl.constexpr, OFFICIAL: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -49,7 +49,7 @@ def _zipar_attn_kernel(Q, K, V, O, PO, PML, QSLOT, COUNTS, ROPE,
     qi = rm // GROUP
     h = hk * GROUP + rm % GROUP
     m_ok = qi < Qn
-    p = tl.load(QSLOT + qi, mask=m_ok, other=-1).to(tl.int32)    # slot of each row's query; -1: padding
+    p = tl.load(QSLOT + n * spn + qi, mask=m_ok, other=-1).to(tl.int32)   # each row's query slot; -1: padding
     p_max = tl.max(p, axis=0)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
@@ -170,7 +170,8 @@ def zipar_attention(q, k_cache, v_cache, q_slot, counts, prefix: int, tpr: int, 
     check_tensor(OP, "q", q, ndim=4, dtypes=FLOAT_DTYPES, device=dev)
     check_tensor(OP, "k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES, device=dev)
     check_tensor(OP, "v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES, device=dev)
-    check_tensor(OP, "q_slot", q_slot, ndim=1, dtypes=INT_DTYPES, device=dev)
+    check(q_slot.dim() in (1, 2), OP, f"q_slot must be (Q,) or (N, Q), got {tuple(q_slot.shape)}")
+    check_tensor(OP, "q_slot", q_slot, ndim=q_slot.dim(), dtypes=INT_DTYPES, device=dev)
     check_tensor(OP, "counts", counts, ndim=1, dtypes=INT_DTYPES, device=dev)
     N, H, Qn, D = q.shape
     _, Hkv, L, Dk = k_cache.shape
@@ -179,7 +180,8 @@ def zipar_attention(q, k_cache, v_cache, q_slot, counts, prefix: int, tpr: int, 
     check(q.dtype == k_cache.dtype == v_cache.dtype, OP, f"q, k_cache, v_cache dtypes differ: {q.dtype}, "
                                                          f"{k_cache.dtype}, {v_cache.dtype}")
     check(D % 2 == 0 and H % Hkv == 0, OP, f"head dim {D} must be even and {H} heads a multiple of {Hkv} kv heads")
-    check(q_slot.numel() == Qn, OP, f"q_slot has {q_slot.numel()} entries for {Qn} queries")
+    check(q_slot.shape[-1] == Qn and (q_slot.dim() == 1 or q_slot.shape[0] == N), OP,
+          f"q_slot {tuple(q_slot.shape)} does not fit {N} rows x {Qn} queries")
     if rope is not None:
         check_tensor(OP, "rope", rope, ndim=3, dtypes=(torch.float32,), device=dev)
         check(rope.shape[1:] == (D // 2, 2) and rope.shape[0] >= L and rope.is_contiguous(), OP,
@@ -204,7 +206,7 @@ def zipar_attention(q, k_cache, v_cache, q_slot, counts, prefix: int, tpr: int, 
         po = pml = out   # unused
     _zipar_attn_kernel[(N * Hkv, m_blocks, splits)](
         q, k_cache, v_cache, out, po, pml, q_slot, counts, rope if rope is not None else q_slot,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), q_slot.stride(0) if q_slot.dim() == 2 else 0,
         N, H, Qn, group, D, int(prefix), int(tpr), counts.numel(), chunk, splits,
         (1.0 / math.sqrt(D)) * _LOG2E,
         HAS_ROPE=rope is not None, SPLIT=splits > 1, OFFICIAL=bool(official),

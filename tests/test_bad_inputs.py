@@ -390,7 +390,10 @@ def test_ctrl_c_during_sample(f, tmp_path):
     out = tmp_path / "s"
     argv = CMD + ["sample", *fill(V, **f), "--device", "cpu", "--per-class", "1000", "--batch", "1",
                   "--out", str(out)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    # the child gets Python's own SIGINT handling even where this test runs with SIGINT ignored (a job a
+    # non-interactive shell started in the background: the ignore is inherited, and Python then keeps it)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     watchdog = threading.Timer(300, proc.kill)  # a hung process fails the test instead of blocking the suite
     watchdog.start()
     try:

@@ -204,3 +204,30 @@ def test_attention_flops_without_step_context():
     assert cm._attention_flops(c, "var_attention", (q, k, k, None), {}) == want
     assert cm._attention_flops(c, "var_attention", (qkv, kv, start, None), {}) == want
     assert cm._attention_flops(c, "some_attention", (qkv,), {}) is None            # unknown: reported, not guessed
+
+
+@pytest.mark.parametrize("cfg_scale", [4.0, 1.0])
+def test_sjd_counts_grow_per_pass_and_match_analytic(cfg_scale):
+    """Batched SJD (`count(sjd=(L, P))`): every pass is the same work (static shapes), so the token phase is P
+    times one pass; its GEMM FLOPs are the linear layers on N rows x L queries, its attention FLOPs every query
+    against every cache slot (the cost model's dense rule for per-row slots: visibility is data, not schedule)."""
+    B, L, grid = 2, 3, 4
+    cfg = gpt_model.LlamaGenConfig(dim=64, n_layer=2, n_head=4, vocab_size=64, num_classes=10, grid=grid)
+    vq = vq16.VQ16Config(codebook_size=64, z_channels=32, ch=32, ch_mult=(1, 1), num_res_blocks=1)
+    runs = {}
+    for P in (1, 3):
+        pipe = cm.build_llamagen(cfg, vq)
+        runs[P] = cm.report("test", B, cm.count(pipe, B, sjd=(L, P), cfg=cfg_scale))
+    N = 2 * B if cfg_scale > 1 else B
+    slots = pipe.kv_pool(N).views["llamagen"][0].shape[3]
+    C, D, F = cfg.dim, cfg.head_dim, cfg.ffn_hidden
+    per_row = cfg.n_layer * 2 * (C * (cfg.n_head + 2 * cfg.kv_heads) * D + C * C + 2 * C * F + F * C) + \
+        2 * C * cfg.vocab_size
+    attention = cfg.n_layer * 4 * N * cfg.n_head * L * slots * D
+    for P, r in runs.items():
+        assert r["flops"]["by_phase"]["tokens"]["gemm"] == P * N * L * per_row
+        assert r["flops"]["by_phase"]["tokens"]["attention"] == P * attention
+        assert r["steps"] == P and r["layer_steps"] == cfg.n_layer * P and r["sjd"] == {
+            "window": L, "passes": P, "passes_note": r["sjd"]["passes_note"]}
+    assert runs[3]["launches"]["tokens"] == 3 * runs[1]["launches"]["tokens"] > 0
+    assert runs[3]["launches"]["decode"] == runs[1]["launches"]["decode"] > 0

@@ -109,6 +109,59 @@ def test_rope_kv_write_matches_reference(dtype, N, Q, H, Hkv, D):
     assert torch.equal(got[:, :, :, other], kv0[:, :, :, other])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,Q,Hkv,D", [(1, 1, 4, 8), (3, 5, 2, 20), (4, 3, 3, 64)])
+def test_rope_kv_write_per_row_slots_matches_reference(dtype, N, Q, Hkv, D):
+    """(N, Q) slots (batched SJD): row n writes at its own slots; a non-contiguous slot tensor (a column slice)."""
+    k = _kern("rope_kv")
+    g = torch.Generator().manual_seed(14)
+    grid, P = 5, 1
+    L = P + grid * grid
+    rope = rope_2d_table(grid, D, 10000.0, P).to(DEV)
+    base = torch.stack([torch.randperm(L, generator=g)[:Q + 2] for _ in range(N)]).to(DEV)   # distinct per row
+    slots = base[:, 1:Q + 1]
+    kk, vv = _randn(N, Q, Hkv, D, dtype=dtype, g=g), _randn(N, Q, Hkv, D, dtype=dtype, g=g)
+    kv0 = _randn(2, N, Hkv, L, D, dtype=dtype, g=g)
+    want, got = kv0.clone(), kv0.clone()
+    ops.rope_kv_write_ref(kk, vv, want[0], want[1], slots, rope)
+    k.rope_kv_write(kk, vv, got[0], got[1], slots, rope)
+    torch.testing.assert_close(got[1], want[1], atol=0, rtol=0)
+    torch.testing.assert_close(got[0].float(), want[0].float(), **TOL[dtype])
+    for n in range(N):   # the reference itself: row n rotated by its own slots, other slots untouched
+        torch.testing.assert_close(want[0, n:n + 1, :, slots[n]].float(), ops.apply_rope(
+            kk[n:n + 1], rope[slots[n]]).transpose(1, 2).float(), **TOL[dtype])
+        other = torch.ones(L, dtype=torch.bool, device=DEV)
+        other[slots[n]] = False
+        assert torch.equal(got[:, n, :, other], kv0[:, n, :, other])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,H,Hkv,D,Q", [(1, 4, 4, 16, 1), (3, 4, 2, 20, 5), (4, 6, 3, 64, 3)])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_zipar_attention_per_row_slots_matches_reference(dtype, N, H, Hkv, D, Q, splits):
+    """(N, Q) query slots, causal per row (ops.rows_visibility: batched SJD) against causal_attention_rows_ref,
+    which is checked per row against the shared-slot reference with the official (causal) mask."""
+    k = _kern("zipar_attention")
+    g = torch.Generator().manual_seed(15)
+    grid, P = 12, 1
+    L = P + grid * grid
+    rope = rope_2d_table(grid, D, 10000.0, P).to(DEV)
+    kc, vc = _randn(N, Hkv, L, D, dtype=dtype, g=g), _randn(N, Hkv, L, D, dtype=dtype, g=g)
+    a = torch.randint(0, L - Q + 1, (N, 1), generator=g)
+    slots = (a + torch.arange(Q)).clamp(max=L - 1).to(DEV)                      # a window per row
+    vis = ops.rows_visibility(slots, L, P, grid)
+    q = _randn(N, Q, H, D, dtype=dtype, g=g).transpose(1, 2)
+    got = k.zipar_attention(q, kc, vc, vis.q_slot, vis.counts, P, grid, rope=rope, n_keys=L, num_splits=splits,
+                            official=True)
+    want = ops.zipar_attention_ref(q, kc, vc, vis, rope=rope)
+    torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
+    for n in range(N):
+        one = zipar.Visibility(slots[n].int(), torch.zeros(grid, dtype=torch.int32, device=DEV), P, grid, L, True)
+        torch.testing.assert_close(want[n:n + 1].float(), ops.zipar_attention_ref(
+            q[n:n + 1], kc[n:n + 1], vc[n:n + 1], one, rope=rope).float(), **TOL[dtype])
+    assert torch.equal(ops.zipar_attention(q, kc, vc, vis, rope=rope, backend="torch"), want)
+
+
 # ---- ZipAR attention -------------------------------------------------------------------------------------------
 def _vis(p, tpr, P):
     slots = torch.tensor([q.slot for q in p.queries], dtype=torch.int32, device=DEV)
@@ -368,7 +421,7 @@ for cc in (90, 80):
             args = dict(Q=t(dt), K=t(dt), V=t(dt), O=t(dt), PO=t(f32), PML=t(f32), QSLOT=t(i32), COUNTS=t(i32),
                         ROPE=t(f32), sqn=4 * W, sqh=D, sqq=W, sqd=1, skn=Hkv * 577 * D, skh=577 * D, skl=D, skd=1,
                         svn=Hkv * 577 * D, svh=577 * D, svl=D, svd=1, son=4 * H * D, soh=D, soq=H * D, sod=1,
-                        N=2, H=H, Qn=4, GROUP=GROUP, D=D, prefix=1, tpr=24, n_rows=24, chunk=192, n_splits=4,
+                        spn=4 if split else 0, N=2, H=H, Qn=4, GROUP=GROUP, D=D, prefix=1, tpr=24, n_rows=24, chunk=192, n_splits=4,
                         qk_scale=0.18)
             run(f"zipar_attn {dt} H{H} G{GROUP} D{D} split={split} (BLOCK_M {bm}, BLOCK_N {bn})",
                 za._zipar_attn_kernel, args,
@@ -381,7 +434,7 @@ for cc in (90, 80):
                         syn=4 * C, syl=C, syc=1, son=4 * C, sol=C, soc=1, shn=4 * C, shl=C, shc=1, eps=1e-5)
             run(f"rms_norm {dt} C{C}", mods["rmsnorm"]._rms_kernel, args, dict(HAS_Y=True, BLOCK_R=br, BLOCK_C=bc),
                 cc, w)
-        args = dict(K=t(dt), V=t(dt), KC=t(dt), VC=t(dt), SLOTS=t(torch.int64), ROPE=t(f32), Q=4, Hkv=20, D=64,
+        args = dict(K=t(dt), V=t(dt), KC=t(dt), VC=t(dt), SLOTS=t(torch.int64), ROPE=t(f32), Q=4, Hkv=20, D=64, ssn=4,
                     skn=4 * 3840, skq=3840, skh=64, skd=1, svn=4 * 3840, svq=3840, svh=64, svd=1,
                     kcn=20 * 577 * 64, kch=577 * 64, kcl=64, kcd=1, vcn=20 * 577 * 64, vch=577 * 64, vcl=64, vcd=1)
         run(f"rope_kv {dt}", mods["rope_kv"]._rope_kv_kernel, args, dict(BLOCK_H=32, BLOCK_D=64), cc, 4)

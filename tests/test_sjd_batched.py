@@ -56,6 +56,20 @@ def test_batched_equals_per_image_loop(kw, L):
         assert (i, a, n) == (int(passes[b]), int(acc[b]), int(tested[b]))
 
 
+def test_fast_backend_batched_equals_per_image_loop():
+    """The same on the fast backend: the per-row-slot RoPE/KV-write and attention kernels (interpreted without a
+    GPU) in both the batched pass and generate_one."""
+    pytest.importorskip("var_rt.kernels.zipar_attention")
+    pipe = pipe_for(backend="fast", grid=3)
+    s = settings_for(pipe, cfg=2.0, top_k=0)
+    labels, seeds = [1, 7], [ops.mix_seed(3, i) for i in range(2)]
+    tok, passes, acc, tested = run_batch(pipe, labels, seeds, s, 3)
+    kv1 = pipe.kv_pool(2).views["llamagen"]
+    for b in range(2):
+        t, i, a, n = sjd.generate_one(pipe.gpt, labels[b], seeds[b], kv1, s, 3, pipe.backend)
+        assert torch.equal(t, tok[b]) and (i, a, n) == (int(passes[b]), int(acc[b]), int(tested[b])), b
+
+
 def test_pipeline_batch_invariance_and_stats():
     pipe = pipe_for(grid=6)
     kw = dict(cfg=3.0, top_k=20, seed=4, sjd_window=4)

@@ -129,47 +129,6 @@ def rope_2d_table(grid: int, head_dim: int, base: float = 10000.0, prefix: int =
     return torch.cat([torch.zeros(prefix, half, 2), tab])
 
 
-def _rotate_rows(x, table):
-    """ops.apply_rope with one table per row: x (N, Q, H, D); table (N, Q, D/2, 2) (cos, sin). Same arithmetic,
-    rotated in fp32, returned in x's dtype."""
-    N, Q, H, D = x.shape
-    xs = x.float().reshape(N, Q, H, D // 2, 2)
-    cos, sin = table[..., 0].view(N, Q, 1, D // 2), table[..., 1].view(N, Q, 1, D // 2)
-    x0, x1 = xs[..., 0], xs[..., 1]
-    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(3).to(x.dtype)
-
-
-def rope_kv_write_rows(k, v, k_cache, v_cache, slots, rope):
-    """ops.rope_kv_write_ref with per-row slots: k, v (N, Q, Hkv, D); caches (N, Hkv, L, D); slots (N, Q) int64,
-    row r's queries write at slots[r] (duplicates within a row: one of them wins; callers only repeat a slot no
-    query of theirs reads); rope (L, D/2, 2) fp32. One scatter per cache, no host sync."""
-    slots = slots.long()
-    idx = slots[:, None, :, None].expand(-1, k_cache.shape[1], -1, k_cache.shape[-1])      # (N, Hkv, Q, D)
-    k_cache.scatter_(2, idx, _rotate_rows(k, rope[slots]).transpose(1, 2).to(k_cache.dtype))
-    v_cache.scatter_(2, idx, v.transpose(1, 2).to(v_cache.dtype))
-
-
-def causal_attention_rows(q, k_cache, v_cache, slots, rope, out=None):
-    """ops.zipar_attention_ref with per-row slots and causal visibility: q (N, H, Q, D) not yet rotated (rotated
-    here by rope[slots]); caches (N, Hkv, L, D), K rotated; slots (N, Q): query (r, i) sees key j iff
-    j <= slots[r, i]. Every one of the L keys is scored (static shapes); softmax scale 1/sqrt(D), fp32. Returns
-    (N, H, Q, D) in q's dtype (copied into `out` when given)."""
-    N, H, Q, D = q.shape
-    L = k_cache.shape[2]
-    qf = _rotate_rows(q.float().transpose(1, 2), rope[slots.long()]).transpose(1, 2)
-    rep = H // k_cache.shape[1]
-    k, v = k_cache.float(), v_cache.float()
-    if rep > 1:  # grouped-query attention: each KV head serves `rep` query heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    s = (qf @ k.transpose(-1, -2)) * (1.0 / math.sqrt(D))                              # (N, H, Q, L)
-    visible = torch.arange(L, device=q.device).view(1, 1, L) <= slots.long().unsqueeze(-1)   # (N, Q, L)
-    o = (s.masked_fill(~visible.unsqueeze(1), float("-inf")).softmax(-1) @ v).to(q.dtype)
-    if out is not None:
-        out.copy_(o)
-        return out
-    return o
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -194,18 +153,13 @@ class Attention(nn.Module):
         self.wo = ops.Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x, kv, slots, rope, vis, backend="torch"):
-        """x (N, Q, C) normed; kv (2, N, Hkv, L, D) this layer's cache view; slots (Q,) int64; rope (L, D/2, 2);
-        vis: runtime.zipar.Visibility. Returns wo(attention) (N, Q, C)."""
+        """x (N, Q, C) normed; kv (2, N, Hkv, L, D) this layer's cache view; slots (Q,) or (N, Q) int64; rope
+        (L, D/2, 2); vis: runtime.zipar.Visibility (or ops.RowsVisibility). Returns wo(attention) (N, Q, C)."""
         N, Q, _ = x.shape
         H, Hkv, D = self.H, self.Hkv, self.D
         qkv = self.wqkv(x)                                                    # (N, Q, (H + 2 Hkv) D)
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
         o = torch.empty(N, Q, H * D, dtype=qkv.dtype, device=qkv.device)     # wo's input layout, written in place
-        if slots.dim() == 2:   # per-row slots (batched SJD): the torch reference ops, causal per row
-            rope_kv_write_rows(k.view(N, Q, Hkv, D), v.view(N, Q, Hkv, D), kv[0], kv[1], slots, rope)
-            causal_attention_rows(q.view(N, Q, H, D).transpose(1, 2), kv[0], kv[1], slots, rope,
-                                  out=o.view(N, Q, H, D).transpose(1, 2))
-            return self.wo(o)
         # k rotated and k, v written at their slots (no cat); q is rotated inside the attention
         ops.rope_kv_write(k.view(N, Q, Hkv, D), v.view(N, Q, Hkv, D), kv[0], kv[1], slots, rope, backend=backend)
         ops.zipar_attention(q.view(N, Q, H, D).transpose(1, 2), kv[0], kv[1], vis, rope=rope,
@@ -319,11 +273,13 @@ class LlamaGenGPT(nn.Module):
         """h (N, Q, C) input embeddings; slots (Q,) int64 KV slots (= positions) of the queries;
         kv_layers: per-layer cache views (2, N, Hkv, L, D); vis: runtime.zipar.Visibility of the queries.
         slots may also be (N, Q), one row of slots per batch row (batched SJD; vis ignored, pass None): causal
-        visibility per row (key j <= the query's slot), RoPE and KV write by each row's slots; those two pieces use
-        the torch reference (rope_kv_write_rows, causal_attention_rows: the fast kernels take one shared slot
-        tensor), the GEMMs, norms and SwiGLU the backend's ops. Returns logits (N, Q, V) fp32."""
+        visibility per row (key j <= the query's slot) over the whole cache (static shapes), RoPE and KV write by
+        each row's slots, through the same ops (the fast kernels take per-row slots). Returns logits (N, Q, V)
+        fp32."""
         rope = self.rope_table(h.device)
         backend = backend or ops.default_backend(h.device)
+        if slots.dim() == 2:
+            vis = ops.rows_visibility(slots, kv_layers[0].shape[-2], self.cfg.cls_token_num, self.cfg.grid)
         x, y = h, None
         for layer, kv in zip(self.layers, kv_layers):
             x, y = layer(x, y, kv, slots, rope, vis, backend)

@@ -19,8 +19,8 @@ implementation runs and why (`var-rt info`).
     rvq.py        rvq_step (var_rt._C)
 """
 from var_rt.ops import dispatch
-from var_rt.ops.attention import (var_attention, var_attention_ref, zipar_attention, zipar_attention_ref,
-                                  zipar_visibility_mask)
+from var_rt.ops.attention import (RowsVisibility, causal_attention_rows_ref, rows_visibility, var_attention,
+                                  var_attention_ref, zipar_attention, zipar_attention_ref, zipar_visibility_mask)
 from var_rt.ops.dispatch import BACKENDS, default_backend, describe_backends, resolve_backend, use_backend
 from var_rt.ops.gemm import Linear, linear
 from var_rt.ops.mlp import linear_gelu, linear_gelu_ref, swiglu, swiglu_ref
@@ -37,6 +37,7 @@ from var_rt.ops.sampling import (exponential_noise, filter_logits_ref, guide_log
 __all__ = [
     "dispatch", "BACKENDS", "resolve_backend", "use_backend", "default_backend", "describe_backends",
     "var_attention", "var_attention_ref", "zipar_attention", "zipar_attention_ref", "zipar_visibility_mask",
+    "RowsVisibility", "rows_visibility", "causal_attention_rows_ref",
     "adaln", "adaln_ref", "residual_adaln", "residual_adaln_ref", "group_norm_silu", "group_norm_silu_ref",
     "residual_group_norm_silu", "residual_group_norm_silu_ref", "decoder_channels_last",
     "rms_norm", "rms_norm_ref", "residual_rms_norm", "residual_rms_norm_ref",

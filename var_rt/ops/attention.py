@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from var_rt.ops import dispatch
-from var_rt.ops.rope import apply_rope
+from var_rt.ops.rope import apply_rope, rotate_rows
 
 
 @dispatch.kernel("var_attention")
@@ -78,7 +79,10 @@ def zipar_attention_ref(q, k_cache, v_cache, vis, rope=None, out=None):
     """q (N, H, Q, D) (not yet rotated when `rope` (L, D/2, 2) is given: rotated here by its slot);
     k_cache, v_cache (N, Hkv, L, D) with K already rotated; vis: a runtime.zipar.Visibility (q_slot, counts,
     prefix, tpr, n_keys). Softmax scale 1/sqrt(D), fp32; (N, H, Q, D) in q's dtype (copied into `out`, which may be
-    a strided view, e.g. of an (N, Q, H*D) buffer)."""
+    a strided view, e.g. of an (N, Q, H*D) buffer). vis.q_slot may be (N, Q), one row per batch row (batched
+    SJD): then vis.official must be set, query (n, i) sees key j iff j <= q_slot[n, i] (causal per row)."""
+    if vis.q_slot.dim() == 2:
+        return causal_attention_rows_ref(q, k_cache, v_cache, vis.q_slot, rope, vis.n_keys, out)
     N, H, Q, D = q.shape
     L = vis.n_keys
     qf = q.float()
@@ -92,6 +96,44 @@ def zipar_attention_ref(q, k_cache, v_cache, vis, rope=None, out=None):
     s = s.masked_fill(~zipar_visibility_mask(vis.q_slot, vis.counts, vis.prefix, vis.tpr, L, vis.official),
                      float("-inf"))
     o = (s.softmax(-1) @ v).to(q.dtype)
+    if out is not None:
+        out.copy_(o)
+        return out
+    return o
+
+
+class RowsVisibility(NamedTuple):
+    """The visibility of batched SJD queries, in the fields zipar_attention reads (runtime.zipar.Visibility's):
+    q_slot (N, Q) int slots, one row per batch row; causal per row (official=True: key j visible iff j <= slot);
+    counts unused (a (1,) placeholder); n_keys the cache length (static shapes)."""
+    q_slot: torch.Tensor
+    counts: torch.Tensor
+    prefix: int
+    tpr: int
+    n_keys: int
+    official: bool = True
+
+
+def rows_visibility(slots: torch.Tensor, n_keys: int, prefix: int, tpr: int) -> RowsVisibility:
+    """RowsVisibility of (N, Q) per-row slots over a cache of n_keys slots."""
+    return RowsVisibility(slots, torch.zeros(1, dtype=torch.int32, device=slots.device), prefix, tpr, n_keys)
+
+
+def causal_attention_rows_ref(q, k_cache, v_cache, slots, rope, n_keys: int, out=None):
+    """zipar_attention_ref with per-row slots and causal visibility: q (N, H, Q, D) (rotated here by rope[slots]
+    when `rope` is given); caches (N, Hkv, L, D), K rotated; slots (N, Q): query (n, i) sees key j < n_keys iff
+    j <= slots[n, i]. Every key is scored (static shapes); softmax scale 1/sqrt(D), fp32."""
+    N, H, Q, D = q.shape
+    qf = q.float()
+    if rope is not None:
+        qf = rotate_rows(qf.transpose(1, 2), rope[slots.long()]).transpose(1, 2)
+    rep = H // k_cache.shape[1]
+    k, v = k_cache[:, :, :n_keys].float(), v_cache[:, :, :n_keys].float()
+    if rep > 1:  # grouped-query attention: each KV head serves `rep` query heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    s = (qf @ k.transpose(-1, -2)) * (1.0 / math.sqrt(D))                              # (N, H, Q, L)
+    visible = torch.arange(n_keys, device=q.device).view(1, 1, n_keys) <= slots.long().unsqueeze(-1)  # (N, Q, L)
+    o = (s.masked_fill(~visible.unsqueeze(1), float("-inf")).softmax(-1) @ v).to(q.dtype)
     if out is not None:
         out.copy_(o)
         return out
