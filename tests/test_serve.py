@@ -354,3 +354,17 @@ def test_request_rules_of_each_model(llamagen_engine):
             llamagen_engine.parse({"class_label": 0, **body})
     r = llamagen_engine.parse({"class_label": 0, "sjd_window": 4, "n": 2, "seed": 3})
     assert r.key[-2:] == (4, 0) and r.seeds == image_seeds(3, [0, 1]).tolist()
+
+
+def test_warm_up_captures_every_bucket_largest_first(monkeypatch):
+    """Where batches are padded (CUDA graphs replay), the server runs the default settings once per bucket before
+    taking requests, largest first; without graphs (this CPU) it runs nothing."""
+    from var_rt.serve.batcher import buckets_for
+    engine = engine_for("--demo", "--max-batch", "12")
+    calls = []
+    monkeypatch.setattr(engine, "run", lambda req, labels, seeds: calls.append((req.key, len(labels), len(seeds))))
+    assert engine.warm_up(buckets_for(12), log=lambda s: None) == 0 and calls == []
+    monkeypatch.setattr(engine.base, "use_graphs", True)
+    assert engine.warm_up(buckets_for(12), log=lambda s: None) == 5
+    assert [n for _, n, _ in calls] == [12, 8, 4, 2, 1] and all(n == m for _, n, m in calls)
+    assert {k for k, _, _ in calls} == {engine.parse({"class_label": 0}).key}

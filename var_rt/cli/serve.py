@@ -31,6 +31,9 @@ def add_parser(sub) -> None:
     g.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="how long a request waits for batch-mates before its batch runs")
     g.add_argument("--queue-size", type=int, default=256, help="requests waiting at most; more are answered 429")
+    g.add_argument("--no-warmup", action="store_true",
+                   help="do not capture the CUDA graphs of every batch bucket at start (the first request of a "
+                        "bucket then waits for its capture); nothing to capture without CUDA graphs")
     g.add_argument("-q", "--quiet", action="store_true", help="no access log")
     g.set_defaults(fn=cmd_serve)
 
@@ -102,6 +105,9 @@ def cmd_serve(a) -> int:
     sock = _bind(a.host, a.port)   # a taken port fails now, before the model loads
     try:
         engine = build_engine(a)
+        if not a.no_warmup:   # the graphs of the default settings at every bucket, before the first request
+            from var_rt.serve.batcher import buckets_for
+            engine.warm_up(buckets_for(a.max_batch), log=lambda s: print(s, flush=True))
         import uvicorn
 
         from var_rt.serve.app import create_app

@@ -197,6 +197,19 @@ class Engine:
             p.plan(zw, mask)  # checks the window and the mask
         return None, ("llamagen", settings, zw, mask, L, relaxed)
 
+    def warm_up(self, buckets, log=print) -> int:
+        """Capture the CUDA graphs of the default settings for every batch bucket before the first request,
+        largest first (they share one memory pool), so no request waits for a capture (a request with other
+        settings still captures its own on first use). Only where batches are padded (graphs replay: `pads`);
+        returns the number of buckets run."""
+        if not self.pads:
+            return 0
+        req = self.parse({"class_label": 0})
+        for b in sorted(set(buckets), reverse=True):
+            log(f"var-rt: capturing CUDA graphs for batches of {b}")
+            self.run(req, [0] * b, list(range(b)))
+        return len(set(buckets))
+
     # ---- running (in the worker thread) ---------------------------------------------------------------------------
     def run(self, req: Request, labels: list, seeds: list) -> torch.Tensor:
         """One model run for requests sharing req.key: (B, 3, H, W) float32 in [0, 1]."""
