@@ -22,6 +22,44 @@ def tiny_vae_cfg(vocab=48, cvae=8):
     return vqvae_model.VQVAEConfig(vocab=vocab, cvae=cvae, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
 
 
+def tiny_llamagen_pipe(seed=0, std=0.3, backend="torch", device="cpu", grid=6, **kw):
+    """A random 2-layer LlamaGen pipeline (vocab 64, 10 classes, grid x grid tokens; std 0.3: peaked enough that
+    drafts are both accepted and rejected): the SJD tests' model."""
+    from var_rt.llamagen_pipeline import LlamaGenPipeline
+    from var_rt.models.llamagen import LlamaGenConfig
+    cfg = LlamaGenConfig(**{**dict(dim=64, n_layer=2, n_head=4, vocab_size=64, num_classes=10, grid=grid), **kw})
+    return LlamaGenPipeline.random(cfg, std=std, seed=seed, backend=backend, device=device)
+
+
+@torch.no_grad()
+def make_predictable_(pipe, token: int = 5):
+    """Make a tiny LlamaGen predict `token` everywhere: attention and FFN outputs zeroed, every embedding given a
+    large feature 0, and the head reading only that feature (the SJD tests' model where drafts come true)."""
+    g = pipe.gpt
+    for blk in g.layers:
+        blk.attention.wo.weight.zero_()
+        blk.feed_forward.w2.weight.zero_()
+    g.tok_embeddings.weight[:, 0] = 5.0
+    g.cls_embedding.embedding_table.weight[:, 0] = 5.0
+    g.norm.weight.zero_()[0] = 1.0
+    g.output.weight.zero_()[token, 0] = 10.0
+    return pipe
+
+
+def check_batch_invariance(pipe, labels, seed, **kw):
+    """generate_tokens(labels, seed=seed, **kw): image i equals the same image drawn alone (seeds=[mix_seed(seed,
+    i)]) with the same per-image pass count, the call is deterministic, and another seed changes it."""
+    from var_rt import ops
+    a = pipe.generate_tokens(labels, seed=seed, **kw).clone()
+    stats = dict(pipe.last_stats)
+    for i, lab in enumerate(labels):
+        one = pipe.generate_tokens([lab], seeds=[ops.mix_seed(seed, i)], **kw)
+        assert torch.equal(one[0], a[i]), i
+        assert pipe.last_stats["sjd_passes"][0] == stats["sjd_passes"][i]
+    assert torch.equal(pipe.generate_tokens(labels, seed=seed, **kw), a)
+    assert not torch.equal(pipe.generate_tokens(labels, seed=seed + 1, **kw), a)
+
+
 def tiny_var(seed=0, **kw):
     return var_model.init_random_(var_model.VAR(tiny_var_cfg(**kw)), seed).eval().requires_grad_(False)
 

@@ -8,17 +8,11 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else 
 import pytest
 
 from var_rt import ops
-from var_rt.llamagen_pipeline import LlamaGenPipeline
-from var_rt.models.llamagen import LlamaGenConfig
 from var_rt.runtime import sjd
 
+from conftest import check_batch_invariance, make_predictable_, tiny_llamagen_pipe as pipe_for  # grid 6
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def pipe_for(seed=0, std=0.3, backend="torch", **kw):
-    base = dict(dim=64, n_layer=2, n_head=4, vocab_size=64, num_classes=10, grid=6)
-    base.update(kw)
-    return LlamaGenPipeline.random(LlamaGenConfig(**base), std=std, seed=seed, backend=backend)
 
 
 @pytest.mark.parametrize("kw", [dict(cfg=4.0), dict(cfg=1.0), dict(cfg=3.0, cfg_interval=4)])
@@ -84,31 +78,14 @@ def test_sjd_distribution_equals_sequential_chi_square():
 
 
 def test_sjd_batch_invariance_and_determinism():
-    pipe = pipe_for()
-    kw = dict(cfg=3.0, top_k=20, top_p=0.9, seed=4, sjd_window=4)
-    a = pipe.generate_tokens([1, 2, 3], **kw).clone()
-    stats = dict(pipe.last_stats)
-    for i, lab in enumerate([1, 2, 3]):
-        one = pipe.generate_tokens([lab], seeds=[ops.mix_seed(4, i)], **{k: v for k, v in kw.items() if k != "seed"})
-        assert torch.equal(one[0], a[i])
-        assert pipe.last_stats["sjd_passes"][0] == stats["sjd_passes"][i]
-    assert torch.equal(pipe.generate_tokens([1, 2, 3], **kw), a)
-    assert not torch.equal(pipe.generate_tokens([1, 2, 3], **{**kw, "seed": 5}), a)
+    check_batch_invariance(pipe_for(), [1, 2, 3], 4, cfg=3.0, top_k=20, top_p=0.9, sjd_window=4)
 
 
 def test_sjd_takes_fewer_passes_on_a_predictable_model():
     """Attention and FFN outputs zeroed, every embedding has a large feature 0 and the head reads only that
     feature, towards token 5: the model predicts 5 everywhere, so after the first pass (random drafts) the drafts are
     right and each pass commits L tokens."""
-    pipe = pipe_for(grid=6)
-    g = pipe.gpt
-    for blk in g.layers:
-        blk.attention.wo.weight.zero_()
-        blk.feed_forward.w2.weight.zero_()
-    g.tok_embeddings.weight[:, 0] = 5.0
-    g.cls_embedding.embedding_table.weight[:, 0] = 5.0
-    g.norm.weight.zero_()[0] = 1.0
-    g.output.weight.zero_()[5, 0] = 10.0
+    pipe = make_predictable_(pipe_for(grid=6))
     seq = pipe.generate_tokens([1, 2], cfg=1.0, top_k=0, seed=0).clone()
     assert pipe.last_forward_passes == 36 and (seq == 5).all()
     for L in (4, 8):

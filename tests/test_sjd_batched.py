@@ -12,17 +12,15 @@ import pytest
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from var_rt import ops
-from var_rt.llamagen_pipeline import LlamaGenPipeline
-from var_rt.models.llamagen import LlamaGenConfig
 from var_rt.runtime import sjd
+
+from conftest import tiny_llamagen_pipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def pipe_for(seed=0, std=0.3, backend="torch", device="cpu", **kw):
-    base = dict(dim=64, n_layer=2, n_head=4, vocab_size=64, num_classes=10, grid=4)
-    base.update(kw)
-    return LlamaGenPipeline.random(LlamaGenConfig(**base), std=std, seed=seed, backend=backend, device=device)
+def pipe_for(grid=4, **kw):
+    return tiny_llamagen_pipe(grid=grid, **kw)
 
 
 def settings_for(pipe, **kw):

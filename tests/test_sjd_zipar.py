@@ -9,17 +9,11 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else 
 import pytest
 
 from var_rt import ops
-from var_rt.llamagen_pipeline import LlamaGenPipeline
-from var_rt.models.llamagen import LlamaGenConfig
 from var_rt.runtime import sjd, zipar
 
+from conftest import check_batch_invariance, make_predictable_, tiny_llamagen_pipe as pipe_for  # grid 6
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def pipe_for(seed=0, std=0.3, backend="torch", **kw):
-    base = dict(dim=64, n_layer=2, n_head=4, vocab_size=64, num_classes=10, grid=6)
-    base.update(kw)
-    return LlamaGenPipeline.random(LlamaGenConfig(**base), std=std, seed=seed, backend=backend)
 
 
 @pytest.mark.parametrize("kw", [dict(cfg=4.0), dict(cfg=1.0), dict(cfg=3.0, cfg_interval=4)])
@@ -83,16 +77,7 @@ def test_sjd_zipar_distribution_equals_zipar_chi_square():
 
 
 def test_sjd_zipar_batch_invariance_and_determinism():
-    pipe = pipe_for()
-    kw = dict(cfg=3.0, top_k=20, top_p=0.9, seed=4, sjd_window=4, zipar_window=2)
-    a = pipe.generate_tokens([1, 2, 3], **kw).clone()
-    stats = dict(pipe.last_stats)
-    for i, lab in enumerate([1, 2, 3]):
-        one = pipe.generate_tokens([lab], seeds=[ops.mix_seed(4, i)], **{k: v for k, v in kw.items() if k != "seed"})
-        assert torch.equal(one[0], a[i])
-        assert pipe.last_stats["sjd_passes"][0] == stats["sjd_passes"][i]
-    assert torch.equal(pipe.generate_tokens([1, 2, 3], **kw), a)
-    assert not torch.equal(pipe.generate_tokens([1, 2, 3], **{**kw, "seed": 5}), a)
+    check_batch_invariance(pipe_for(), [1, 2, 3], 4, cfg=3.0, top_k=20, top_p=0.9, sjd_window=4, zipar_window=2)
     # look-ahead queries read slots not written yet: an image must not see what an earlier image left in the pool
     flat = pipe_for(vocab_size=4, std=0.1, seed=1)
     kw = dict(cfg=1.0, top_k=0, zipar_window=1, sjd_window=3)
@@ -103,15 +88,7 @@ def test_sjd_zipar_batch_invariance_and_determinism():
 def test_sjd_zipar_takes_fewer_passes_on_a_predictable_model():
     """The model predicts token 5 everywhere (test_sjd's construction): after each row's first pass its drafts are
     right, so SJD + ZipAR needs far fewer passes than ZipAR, with the same tokens."""
-    pipe = pipe_for(grid=6)
-    g = pipe.gpt
-    for blk in g.layers:
-        blk.attention.wo.weight.zero_()
-        blk.feed_forward.w2.weight.zero_()
-    g.tok_embeddings.weight[:, 0] = 5.0
-    g.cls_embedding.embedding_table.weight[:, 0] = 5.0
-    g.norm.weight.zero_()[0] = 1.0
-    g.output.weight.zero_()[5, 0] = 10.0
+    pipe = make_predictable_(pipe_for(grid=6))
     for w in (2, 3):
         ref = pipe.generate_tokens([1, 2], cfg=1.0, top_k=0, seed=0, zipar_window=w).clone()
         assert pipe.last_forward_passes == zipar.num_passes(6, 6, w) and (ref == 5).all()
