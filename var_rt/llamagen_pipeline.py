@@ -242,19 +242,14 @@ class LlamaGenPipeline(PipelineBase):
 
     @torch.no_grad()
     def _stream_rows(self, labels, seeds, settings, zipar_window, plan, every_rows, progress):
-        """stream's generator: runtime.llamagen.decode_passes one pass at a time (keep the two in step: the test
-        holds the last yield to pipe(...)'s bytes), a preview whenever every_rows more rows are complete."""
+        """stream's generator: the engine's passes one at a time (runtime.llamagen.iter_passes, which
+        decode_passes runs through), a preview whenever every_rows more rows are complete."""
         c, B = self.cfg, labels.numel()
         labels, seeds = labels.to(self.device), seeds.to(self.device)
         pool = self.kv_pool(2 * B if settings.cfg > 1.0 else B)
-        kv = pool.views["llamagen"]
         s = engine.sampler(plan, settings, self.backend, self.device,
                            guides=lambda: self.guidance(zipar_window, settings.cfg, settings.cfg_interval))
-        cls_ids = torch.cat([labels, torch.full_like(labels, c.num_classes)]) if s.use_cfg else labels
-        tokens = torch.zeros(B, c.grid * c.grid, dtype=torch.int64, device=self.device)
-        if plan[0].vis.official:  # as decode_passes: the official visibility reads undecoded slots as zeros
-            for layer in kv:
-                layer.zero_()
+        passes = engine.iter_passes(self.gpt, plan, labels, seeds, pool.views["llamagen"], s)
         per_row = [0] * c.grid  # tokens drawn in each row
         shown = 0
         bar = None
@@ -262,13 +257,9 @@ class LlamaGenPipeline(PipelineBase):
             from tqdm import tqdm
             bar = tqdm(total=len(plan), desc=f"LlamaGen {B} img, stream", unit="pass", leave=False)
         try:
-            for i, p in enumerate(plan):
-                with ops.use_backend(self._backend):
-                    if p.prefill:
-                        drawn = engine.prefill(self.gpt, cls_ids, p, i, kv, seeds, s)
-                    else:
-                        drawn = engine.decode_pass(self.gpt, tokens, p, i, kv, seeds, s)
-                tokens[:, p.targets] = drawn
+            for p in plan:
+                with ops.use_backend(self._backend):   # the pass runs inside next()
+                    _, tokens = next(passes)
                 for t in p.steps:
                     per_row[t // c.grid] += 1
                 if bar is not None:
@@ -291,15 +282,7 @@ class LlamaGenPipeline(PipelineBase):
         image's tokens do not depend on the batch). Relaxed acceptance, and SJD + ZipAR (generate_one_zipar;
         "exact" mask only): eagerly, one image at a time (its own KV rows). last_forward_passes: the most passes
         any image took; last_stats: per image "sjd_passes" and "sjd_acceptance" (accepted / tested drafts)."""
-        if zipar_window is not None:
-            zipar.check_window(zipar_window, self.cfg.grid)
-            if zipar.check_mask(zipar_mask) != "exact":
-                raise ValueError(f"zipar_mask {zipar_mask!r} with sjd_window: SJD + ZipAR supports the 'exact' mask "
-                                 f"only (the official mask reads undecoded slots, which SJD fills with drafts)")
-        if L < 1:
-            raise ValueError(f"sjd_relaxed={relaxed!r} needs sjd_window >= 1")
-        if isinstance(relaxed, bool) or not isinstance(relaxed, int) or relaxed < 0:
-            raise ValueError(f"sjd_relaxed {relaxed!r}: expected an int >= 0 (0 = exact acceptance)")
+        sjd.check_settings(L, relaxed, zipar_window, zipar_mask, self.cfg.grid)
         B = labels.numel()
         if zipar_window is None and not relaxed:
             seeds = check_seeds(B, seed, seeds).to(self.device)

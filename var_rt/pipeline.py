@@ -92,6 +92,8 @@ class VARPipeline(PipelineBase):
                 self.models["refiner"] = refiner
             self.draft_steps = draft_steps
         self.schedule = var_schedule(len(self.cfg.patch_nums), self.draft_steps)
+        self._kv_takes: dict = {}   # batch -> generations that took its KV pool (a paused stream checks it)
+        self._carries: dict = {}    # stream graph key -> the chain's carried (f_hat, rows, tokens) buffers
         # cudnn.benchmark stays as the user set it (off by default): with it on, cuDNN times candidate conv algorithms
         # in each process and may pick different ones in two processes (a resumed or torchrun-sharded run), and the
         # decoded bytes would then depend on the process (see pipeline_base.DECODE_CHUNK).
@@ -211,8 +213,7 @@ class VARPipeline(PipelineBase):
     def kv_pool(self, batch: int) -> KVPool:
         """The arena of a batch (2B rows per model); CoDe's refiner reuses the drafter's bytes. Every generation
         takes it here: counted per batch, so that a paused `stream` sees another generation overwrite its cache."""
-        takes = self.__dict__.setdefault("_kv_takes", {})
-        takes[batch] = takes.get(batch, 0) + 1
+        self._kv_takes[batch] = self._kv_takes.get(batch, 0) + 1
         return self._kv_pool(batch, lambda: {name: [m.kv_shape(2 * batch, self.kv_tokens(name))] * m.cfg.depth
                                              for name, m in self.models.items()},
                              next(iter(self.models.values())).head.weight.dtype, share=True)
@@ -349,7 +350,7 @@ class VARPipeline(PipelineBase):
         reading these. Why not the graph's outputs themselves: the graphs share one pool, and a graph captured
         earlier (another batch size, or pipe()) may use the same bytes as scratch, so replaying it between two
         segments would overwrite them. The same buffers at every run of the chain (copy_ into them)."""
-        carries = self.__dict__.setdefault("_carries", {})
+        carries = self._carries
         if key not in carries:
             carries[key] = tuple(o.clone() if torch.is_tensor(o) else [t if t is None else t.clone() for t in o]
                                  for o in out)

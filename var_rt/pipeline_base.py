@@ -52,14 +52,19 @@ def check_device(device) -> torch.device:
     return dev
 
 
-def check_int(value, name: str, lo: int = 1, hi: int | None = None) -> int:
-    """An int (not a bool) in [lo, hi], or a ValueError naming `name`."""
+def as_int(value, name: str) -> int:
+    """An int (not a bool; numpy / torch integers too), or a ValueError naming `name`."""
     try:
         if isinstance(value, bool):
             raise TypeError
-        value = operator.index(value)
+        return operator.index(value)
     except TypeError:
         raise ValueError(f"{name}={value!r}: expected an int") from None
+
+
+def check_int(value, name: str, lo: int = 1, hi: int | None = None) -> int:
+    """An int (not a bool) in [lo, hi], or a ValueError naming `name`."""
+    value = as_int(value, name)
     if value < lo or (hi is not None and value > hi):
         raise ValueError(f"{name}={value}: expected " + (f"{lo}..{hi}" if hi is not None else f"an int >= {lo}"))
     return value
@@ -125,13 +130,7 @@ def check_seeds(n: int, seed=0, seeds=None) -> torch.Tensor:
     """(n,) int64 per-image seeds on the CPU: image i gets mix_seed(seed, i), or explicit `seeds` (one integer per
     image, overriding `seed`)."""
     if seeds is None:
-        try:
-            if isinstance(seed, bool):
-                raise TypeError
-            seed = operator.index(seed)
-        except TypeError:
-            raise ValueError(f"seed={seed!r}: expected an int") from None
-        return image_seeds(seed, range(n))
+        return image_seeds(as_int(seed, "seed"), range(n))
     try:
         s = torch.as_tensor(seeds)
     except (TypeError, ValueError, RuntimeError, OverflowError):

@@ -177,10 +177,11 @@ def decode_pass(gpt, tokens, p: PassPlan, i: int, kv: list, seeds, s: Sampler):
     return draw(logits, seeds, p, i, s)
 
 
-def decode_passes(gpt, plan: list, labels, seeds, kv: list, s: Sampler, progress=None):
-    """The whole generation: labels, seeds (B,) int64 on the device -> tokens (B, h*w) int64 in raster order.
-    kv: per-layer views (2, N, Hkv, L, D). With the fast draw nothing syncs with the host: capturable as one CUDA
-    graph (static shapes; plan and guidance tensors outlive the capture). progress: a tqdm bar or None."""
+def iter_passes(gpt, plan: list, labels, seeds, kv: list, s: Sampler):
+    """The generation one pass at a time: labels, seeds (B,) int64 on the device; kv: per-layer views
+    (2, N, Hkv, L, D). Yields (pass index, tokens (B, h*w) int64 in raster order, the tokens drawn so far; the same
+    tensor every time, filled in place, undrawn tokens 0) after each pass. Streaming previews read it between
+    passes; decode_passes runs it through."""
     c = gpt.cfg
     cls_ids = torch.cat([labels, torch.full_like(labels, c.num_classes)]) if s.use_cfg else labels   # (N,)
     tokens = torch.zeros(labels.numel(), c.grid * c.grid, dtype=torch.int64, device=labels.device)
@@ -193,6 +194,14 @@ def decode_passes(gpt, plan: list, labels, seeds, kv: list, s: Sampler, progress
         else:
             drawn = decode_pass(gpt, tokens, p, i, kv, seeds, s)
         tokens[:, p.targets] = drawn
+        yield i, tokens
+
+
+def decode_passes(gpt, plan: list, labels, seeds, kv: list, s: Sampler, progress=None):
+    """The whole generation: labels, seeds (B,) int64 on the device -> tokens (B, h*w) int64 in raster order.
+    kv: per-layer views (2, N, Hkv, L, D). With the fast draw nothing syncs with the host: capturable as one CUDA
+    graph (static shapes; plan and guidance tensors outlive the capture). progress: a tqdm bar or None."""
+    for _, tokens in iter_passes(gpt, plan, labels, seeds, kv, s):
         if progress is not None:
             progress.update(1)
     return tokens

@@ -74,6 +74,21 @@ def check_window(L) -> int:
     return L
 
 
+def check_settings(L: int, relaxed, zipar_window, zipar_mask: str, tpr: int) -> None:
+    """The rules of an SJD call (sjd_window L >= 1 or sjd_relaxed given), before any work: a valid ZipAR window
+    and the "exact" mask with ZipAR (the official mask reads undecoded slots, which SJD fills with drafts), L >= 1,
+    relaxed an int >= 0. ValueError naming the first broken rule."""
+    if zipar_window is not None:
+        zipar.check_window(zipar_window, tpr)
+        if zipar.check_mask(zipar_mask) != "exact":
+            raise ValueError(f"zipar_mask {zipar_mask!r} with sjd_window: SJD + ZipAR supports the 'exact' mask "
+                             f"only (the official mask reads undecoded slots, which SJD fills with drafts)")
+    if L < 1:
+        raise ValueError(f"sjd_relaxed={relaxed!r} needs sjd_window >= 1")
+    if isinstance(relaxed, bool) or not isinstance(relaxed, int) or relaxed < 0:
+        raise ValueError(f"sjd_relaxed {relaxed!r}: expected an int >= 0 (0 = exact acceptance)")
+
+
 # ---- the keyed random source: integer hashing on the device, no generator, no host sync -----------------------
 def _mix32(x):
     """A 32-bit finaliser (lowbias32 shape) on int64 tensors holding values in [0, 2^32). The multipliers are odd and

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from var_rt.pipeline_base import check_int, image_seeds
+from var_rt.pipeline_base import as_int, check_int, image_seeds
 
 # the fields every request may have beside the sampling settings
 COMMON = ("class_label", "n", "seed", "stream")
@@ -150,9 +150,7 @@ class Engine:
             raise ValueError(f"class_label: class ids [{label}] outside [0, {self.num_classes}) (this model has "
                              f"{self.num_classes} classes)")
         n = check_int(body.get("n", 1), "n", 1, self.max_n)
-        seed = body.get("seed", self.default_seed)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed={seed!r}: expected an int")
+        seed = as_int(body.get("seed", self.default_seed), "seed")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ValueError(f"stream={stream!r}: expected true or false")
@@ -185,13 +183,8 @@ class Engine:
         zw, mask = kw.get("zipar_window"), kw.get("zipar_mask", "exact")
         L, relaxed = kw.get("sjd_window", 0), kw.get("sjd_relaxed", 0)
         from var_rt.runtime import sjd, zipar
-        if sjd.check_window(L) or relaxed:  # the pipeline's own SJD checks, before the request is queued
-            if isinstance(relaxed, bool) or not isinstance(relaxed, int) or relaxed < 0:
-                raise ValueError(f"sjd_relaxed {relaxed!r}: expected an int >= 0 (0 = exact acceptance)")
-            if L < 1:
-                raise ValueError(f"sjd_relaxed={relaxed!r} needs sjd_window >= 1")
-            if zw is not None:  # what SJD allows with ZipAR is the pipeline's rule: a ValueError of the run is a 400
-                zipar.check_window(zw, p.tokens_per_row)
+        if sjd.check_window(L) or relaxed:  # the pipeline's own SJD rules, before the request is queued
+            sjd.check_settings(L, relaxed, zw, mask, p.tokens_per_row)
             zipar.check_mask(mask)
         else:
             p.plan(zw, mask)  # checks the window and the mask
