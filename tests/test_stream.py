@@ -275,17 +275,6 @@ def test_cli_llamagen_previews_where_it_streams(tmp_path, capsys):
     assert rc == 2 and f"--preview-every {grid + 1}: expected 1..{grid}" in capsys.readouterr().err
 
 
-def test_cli_llamagen_previews_refused_without_a_stream(tmp_path, capsys, monkeypatch):
-    from var_rt.llamagen_pipeline import LlamaGenPipeline
-    if hasattr(LlamaGenPipeline, "stream"):
-        monkeypatch.delattr(LlamaGenPipeline, "stream")
-    rc = run_cli("generate", "--random-weights", "llamagen-B", "--classes", 1, "--out", tmp_path / "g.png",
-                 "--device", "cpu", "--previews", tmp_path / "p")
-    err = capsys.readouterr().err
-    assert rc == 2 and "VAR / CoDe models only" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "p").exists()
-
-
 # ---- on a GPU: the real chain of CUDA graphs (benchmarks/run_gpu_suite.sh runs -m cuda) ------------------------------
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -319,7 +308,7 @@ def test_graph_chain_survives_other_graphs_reusing_its_outputs(monkeypatch):
 
     def clobbering_decode(f_hat, progress=False):
         out = decode(f_hat, progress)
-        carried = {t.data_ptr() for c in pipe.__dict__.get("_carries", {}).values()
+        carried = {t.data_ptr() for c in pipe._carries.values()
                    for o in c for t in (o if isinstance(o, list) else [o]) if t is not None}
         for key, entry in cache.graphs.items():  # the tensors a segment's graph made (not those it passes on)
             if key[0] == "stream":

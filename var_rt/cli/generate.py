@@ -1,5 +1,5 @@
 """`var-rt generate`: images for some classes, written as one PNG grid (and optionally one PNG each, and with
---previews one grid per streaming preview: VARPipeline.stream, LlamaGenPipeline.stream where it exists)."""
+--previews one grid per streaming preview: VARPipeline.stream, LlamaGenPipeline.stream)."""
 from __future__ import annotations
 
 import json
@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
 
 def check_previews(a, plan) -> None:
     """--previews / --preview-every, before anything is loaded: a writable folder, K within the model's scales
-    (VAR) or token rows (LlamaGen), and a pipeline that streams (LlamaGenPipeline.stream may be absent)."""
+    (VAR) or token rows (LlamaGen)."""
     if a.previews is None:
         if a.preview_every is not None:
             raise UsageError("--preview-every needs --previews DIR")
@@ -42,9 +42,6 @@ def check_previews(a, plan) -> None:
     if plan.family == "var":
         check_count(a.preview_every, "--preview-every", 1, plan.num_scales)
         return
-    from var_rt.llamagen_pipeline import LlamaGenPipeline
-    if not hasattr(LlamaGenPipeline, "stream"):
-        raise UsageError("--previews: streaming previews are implemented for VAR / CoDe models only, not LlamaGen")
     check_count(a.preview_every, "--preview-every", 1, plan.grid)
 
 
