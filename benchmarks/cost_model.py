@@ -808,6 +808,13 @@ def _git(root, *args) -> str:
         return ""
 
 
+def _package_path(root: str, init_file: str) -> str:
+    """Which var_rt was counted: 'var_rt' when it is a git checkout's (named relative to it, so a committed JSON
+    names no path of the machine that made it; `commit` says which), else the installed package's folder."""
+    pkg = os.path.dirname(os.path.abspath(init_file))
+    return "var_rt" if os.path.exists(os.path.join(root, ".git")) else pkg
+
+
 def report(name: str, batch: int, res: dict) -> dict:
     import var_rt
     c: Counter = res["counter"]
@@ -828,7 +835,7 @@ def report(name: str, batch: int, res: dict) -> dict:
         "config": name, "description": CONFIGS.get(name, name), "batch": batch,
         "commit": _git(root, "rev-parse", "--short", "HEAD"),
         "tree_dirty": bool(_git(root, "status", "--porcelain", "--", "var_rt", "kernels", "csrc")),
-        "var_rt_path": os.path.dirname(os.path.abspath(var_rt.__file__)),
+        "var_rt_path": _package_path(root, var_rt.__file__),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "torch": torch.__version__, "backend": fast_backend(),
         "sampling": {k: v for k, v in res["sampling"].items() if k != "seed"},
